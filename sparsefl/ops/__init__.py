@@ -1,0 +1,12 @@
+"""sparsefl.ops: the one door to the kernels.
+
+Every op has a plain-torch reference (sparsefl/ops/reference/), a C++ CPU kernel
+(csrc/cpu/), a CUDA kernel (csrc/cuda/) and a Triton kernel (kernels/); the backend is
+chosen per call (`backend=`), by SPARSEFL_BACKEND, or automatically by device.
+All ops are also registered as torch.ops.sparsefl.*.
+"""
+
+from sparsefl.ops._backend import BACKENDS
+from sparsefl.ops.sam import sam_perturb, sam_perturb_, sam_restore_, two_dir_perturb
+
+__all__ = ["BACKENDS", "sam_perturb", "sam_perturb_", "sam_restore_", "two_dir_perturb"]

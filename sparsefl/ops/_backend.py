@@ -1,0 +1,74 @@
+"""Backend choice for every op: reference | cpp | cuda | triton, or auto.
+
+Order of precedence: the op's `backend=` argument, then the environment variable
+SPARSEFL_BACKEND, then "auto".  auto picks the fastest backend that exists for the
+tensors' device: cpp on CPU, cuda (else triton) on CUDA, reference otherwise.
+Asking for a backend that cannot run raises a ValueError/RuntimeError that says why:
+a silent fallback would make benchmark numbers lie.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sparsefl import _native
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+
+
+def requested(backend: str | None) -> str:
+    """The backend asked for, after the environment variable; validated."""
+    name = backend if backend is not None else os.environ.get("SPARSEFL_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"sparsefl: unknown backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+def triton_error(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on `device`, or None if it can."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # not installed, or broken install
+        return f"triton is not importable ({exc})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no Triton support for device {device.type}"
+    return None
+
+
+def resolve(backend: str | None, tensors: Sequence[Tensor]) -> str:
+    """The concrete backend that will run on these tensors."""
+    name = requested(backend)
+    if len(tensors) == 0:
+        return "reference"  # nothing to compute, and native ops cannot dispatch on no tensor
+    device = tensors[0].device
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp" if _native.has_cpu_kernels() else "reference"
+        if device.type == "cuda":
+            if _native.has_cuda_kernels():
+                return "cuda"
+            return "triton" if triton_error(device) is None else "reference"
+        return "reference"
+    if name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"sparsefl: backend 'cpp' runs on CPU tensors, got {device}")
+        if not _native.has_cpu_kernels():
+            raise RuntimeError(f"sparsefl: backend 'cpp' unavailable: {_native.LOAD_ERROR}")
+    elif name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"sparsefl: backend 'cuda' runs on CUDA tensors, got {device}")
+        if not _native.has_cuda_kernels():
+            raise RuntimeError("sparsefl: backend 'cuda' unavailable: sparsefl._C was built "
+                               "without CUDA kernels (torch without CUDA, or no nvcc)")
+    elif name == "triton":
+        why = triton_error(device)
+        if why is not None:
+            raise RuntimeError(f"sparsefl: backend 'triton' unavailable: {why}")
+    return name
+

@@ -1,0 +1,1 @@
+"""Plain-torch reference implementations: the one definition each kernel must match."""

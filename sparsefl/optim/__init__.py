@@ -1,0 +1,6 @@
+"""Client optimizers of the SAM family, fused underneath (see sparsefl.ops.sam)."""
+
+from sparsefl.optim.asam import ASAM
+from sparsefl.optim.sam import SAM
+
+__all__ = ["ASAM", "SAM"]
