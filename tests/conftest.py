@@ -17,8 +17,9 @@ from sparsefl.ops import _backend  # noqa: E402
 def cpu_backends() -> list:
     """Every backend that can run on CPU tensors here, each as a pytest param."""
     params = [pytest.param("reference", id="reference")]
+    no_cpp = f"native extension not loaded: {_native.LOAD_ERROR}"
     params.append(pytest.param("cpp", id="cpp", marks=pytest.mark.skipif(
-        not _native.has_cpu_kernels(), reason=f"native extension not loaded: {_native.LOAD_ERROR}")))
+        not _native.has_cpu_kernels(), reason=no_cpp)))
     why = _backend.triton_error(torch.device("cpu"))
     params.append(pytest.param("triton", id="triton",
                                marks=pytest.mark.skipif(why is not None, reason=str(why))))

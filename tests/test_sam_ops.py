@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 from conftest import cpu_backends
 
 from sparsefl import ops
+from sparsefl.ops import sam as sam_module
 from sparsefl.ops.reference import sam as reference
 
 BACKENDS = cpu_backends()
@@ -195,8 +197,9 @@ def test_unknown_or_unavailable_backend_is_an_error(monkeypatch):
 
 def test_environment_variable_selects_backend(monkeypatch):
     calls = []
-    real = reference.perturb
-    monkeypatch.setattr(reference, "perturb", lambda *a: calls.append(1) or real(*a))
+    spy = types.SimpleNamespace(perturb=lambda *a: calls.append(1) or reference.perturb(*a),
+                                copy_=reference.copy_)
+    monkeypatch.setitem(sam_module._IMPLS, "reference", spy)
     p, g, o = [torch.randn(3)], [torch.randn(3)], [torch.empty(3)]
     monkeypatch.setenv("SPARSEFL_BACKEND", "reference")
     ops.sam_perturb(p, g, o)

@@ -27,8 +27,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -74,8 +79,8 @@ double sumsq_f32(const float* g, const float* w, int64_t n, bool adaptive, float
 }
 
 __attribute__((target_clones("avx2", "default")))
-void apply_f32(const float* w, const float* g1, const float* g2, float* out, float* backup,
-               int64_t n, bool adaptive, float eta, float s1, float s2) {
+void compute_f32(const float* w, const float* g1, const float* g2, float* out, float* backup,
+                 int64_t n, bool adaptive, float eta, float s1, float s2) {
   // The expression order mirrors the reference: e = (T*T) * g * s, then w + e.
   if (adaptive) {
     for (int64_t i = 0; i < n; ++i) {
@@ -101,6 +106,40 @@ void apply_f32(const float* w, const float* g1, const float* g2, float* out, flo
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = w[i] + g1[i] * s1;
   }
+}
+
+// Stores that bypass the cache.  The perturbed weights and the backup are not read again
+// until the next forward pass, long after they have left the cache; a normal store
+// would first read every destination line (read-for-ownership), 4 extra bytes/param.
+inline void stream_copy(const float* src, float* dst, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15u); ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
+// out (and backup) <- perturbed w, computed a chunk at a time into L1 and streamed out.
+// In place (out == w) the lines are already owned, so plain stores are used.
+void apply_f32(const float* w, const float* g1, const float* g2, float* out, float* backup,
+               int64_t n, bool adaptive, float eta, float s1, float s2) {
+  if (out == w) {
+    compute_f32(w, g1, g2, out, backup, n, adaptive, eta, s1, s2);
+    return;
+  }
+  alignas(64) float tmp[kChunk];
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t m = std::min(kChunk, n - c);
+    compute_f32(w + c, g1 + c, g2 ? g2 + c : nullptr, tmp, nullptr, m, adaptive, eta, s1, s2);
+    stream_copy(tmp, out + c, m);
+    if (backup) stream_copy(w + c, backup + c, m);
+  }
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // ---- reduced-precision tensors go through small float staging buffers ----
@@ -186,7 +225,7 @@ void block_apply(const TensorArgs& a, const Block& b, float eta, float s1, float
       to_float(g1 + c, fg1, m);
       if (g2) to_float(g2 + c, fg2, m);
       if (backup) std::copy(w + c, w + c + m, backup + c);
-      apply_f32(fw, fg1, g2 ? fg2 : nullptr, fo, nullptr, m, a.adaptive, eta, s1, s2);
+      compute_f32(fw, fg1, g2 ? fg2 : nullptr, fo, nullptr, m, a.adaptive, eta, s1, s2);
       from_float(fo, out + c, m);
     }
   }
@@ -233,6 +272,7 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
   std::vector<TensorArgs> args(n);
   std::vector<Block> blocks;
   auto contig_in = [&](const at::Tensor& t) {
+    if (t.is_contiguous()) return t.data_ptr();
     keep.push_back(t.contiguous());
     return keep.back().data_ptr();
   };
@@ -244,6 +284,9 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
   for (size_t i = 0; i < n; ++i) {
     const auto& wi = w[i];
     TORCH_CHECK(wi.device().is_cpu(), "sparsefl: params[", i, "] must be a CPU tensor");
+    const auto st = wi.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "sparsefl: params[",
+                i, "] has dtype ", st, "; supported: float32, float16, bfloat16");
     check_pair(wi, g1[i], "grads", i);
     check_pair(wi, out[i], "out", i);
     if (!g2.empty()) check_pair(wi, g2[i], "grads2", i);
@@ -285,9 +328,11 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
   const bool perturb = std::isfinite(n1) && std::isfinite(n2);
   const float s2 = g2.empty() ? 0.f : static_cast<float>(rho2 / (n2 + eps));
 
-  // Pass 2.
+  // Pass 2 walks each thread's blocks backwards: the blocks it read last in pass 1 are
+  // still in the last-level cache, so up to an L3's worth of w and g is not re-read from
+  // memory (same partition in both passes: at::parallel_for splits the range statically).
   at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
+    for (int64_t b = hi - 1; b >= lo; --b) {
       const TensorArgs& a = args[blocks[b].tensor];
       const float s1 = static_cast<float>(a.rho / (n1 + eps));
       dispatch_dtype(a.dtype, [&](auto tag) {
@@ -298,8 +343,8 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
   for (auto& [dst, tmp] : copy_back) dst.copy_(tmp);
 
   auto norms = at::empty({2}, at::kFloat);
-  norms[0] = n1;
-  norms[1] = n2;
+  norms.data_ptr<float>()[0] = static_cast<float>(n1);
+  norms.data_ptr<float>()[1] = static_cast<float>(n2);
   return norms;
 }
 
