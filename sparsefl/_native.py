@@ -28,11 +28,18 @@ except Exception as exc:  # ImportError, OSError (ABI mismatch), ...
         )
 
 
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether sparsefl._C registered torch.ops.sparsefl_C.<op> for this device type."""
+    if LOAD_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"sparsefl_C::{op}", key)
+
+
 def has_cpu_kernels() -> bool:
     return LOAD_ERROR is None
 
 
 def has_cuda_kernels() -> bool:
-    if LOAD_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("sparsefl_C::perturb", "CUDA")
+    return has_kernel("perturb", "cuda")

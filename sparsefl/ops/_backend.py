@@ -41,34 +41,40 @@ def triton_error(device: torch.device) -> str | None:
     return None
 
 
-def resolve(backend: str | None, tensors: Sequence[Tensor]) -> str:
-    """The concrete backend that will run on these tensors."""
+def resolve(backend: str | None, tensors: Sequence[Tensor], *, native_op: str = "perturb",
+            triton: bool = True) -> str:
+    """The concrete backend that will run on these tensors.
+
+    native_op names the torch.ops.sparsefl_C op behind the kernel (its registrations say
+    which devices the native backends cover); triton says whether a Triton kernel exists.
+    """
     name = requested(backend)
     if len(tensors) == 0:
         return "reference"  # nothing to compute, and native ops cannot dispatch on no tensor
     device = tensors[0].device
     if name == "auto":
         if device.type == "cpu":
-            return "cpp" if _native.has_cpu_kernels() else "reference"
+            return "cpp" if _native.has_kernel(native_op, "cpu") else "reference"
         if device.type == "cuda":
-            if _native.has_cuda_kernels():
+            if _native.has_kernel(native_op, "cuda"):
                 return "cuda"
-            return "triton" if triton_error(device) is None else "reference"
+            return "triton" if triton and triton_error(device) is None else "reference"
         return "reference"
     if name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"sparsefl: backend 'cpp' runs on CPU tensors, got {device}")
-        if not _native.has_cpu_kernels():
+        if not _native.has_kernel(native_op, "cpu"):
             raise RuntimeError(f"sparsefl: backend 'cpp' unavailable: {_native.LOAD_ERROR}")
     elif name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"sparsefl: backend 'cuda' runs on CUDA tensors, got {device}")
-        if not _native.has_cuda_kernels():
-            raise RuntimeError("sparsefl: backend 'cuda' unavailable: sparsefl._C was built "
-                               "without CUDA kernels (torch without CUDA, or no nvcc)")
+        if not _native.has_kernel(native_op, "cuda"):
+            raise RuntimeError(f"sparsefl: backend 'cuda' has no {native_op} kernel in this "
+                               "build (torch without CUDA, no nvcc, or not written yet)")
     elif name == "triton":
+        if not triton:
+            raise RuntimeError(f"sparsefl: backend 'triton' has no {native_op} kernel yet")
         why = triton_error(device)
         if why is not None:
             raise RuntimeError(f"sparsefl: backend 'triton' unavailable: {why}")
     return name
-

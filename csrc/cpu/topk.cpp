@@ -1,0 +1,327 @@
+// Exact magnitude top-k over many tensors: masks, and compression with error feedback.
+// C++ CPU backend; the definition is sparsefl/ops/reference/topk.py.
+//
+// Selection rule: keep the k elements of largest |x|; among equal |x| the lower flat index
+// (position in the concatenation of the flattened tensors) wins.  NaN is refused.
+//
+// Radix select on the bits of |x| (AIR top-k style, adapted to a CPU):
+//   key(x) = bits(float(x)) & 0x7fffffff  orders exactly like |x| for every non-NaN x
+//   (±0 -> 0, subnormals, ±inf -> 0x7f800000), and NaN is any key above 0x7f800000.
+//   pass 1  histogram of key >> 15 (65536 bins, one per thread, merged) -> the bucket b1
+//           holding the k-th largest key, and how many keys lie above it
+//   pass 2  histogram of key & 0x7fff over the keys in b1 -> the exact k-th key K,
+//           c_gt = #{key > K}, n_eq = #{key == K}; need = k - c_gt of the n_eq ties are kept
+//   pass 3  per fixed block: how many elements it keeps (key > K, plus its ties while the
+//           running tie count stays below `need`), then an exclusive scan over blocks
+//   pass 4  each block writes its mask bytes, or its (index, value) pairs at its offset, in
+//           index order; with error feedback the sent entries of the residual are zeroed.
+// With error feedback, pass 1 first folds the update into the residual (r <- r + x), so
+// later passes read one array, and afterwards r = (x + r_old) - sent.
+// Counts are integers and blocks are fixed, so results never depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace sparsefl {
+namespace {
+
+constexpr int64_t kBlock = 1 << 15;
+constexpr uint32_t kNaNKey = 0x7f800000u;  // keys above this are NaN
+
+inline uint32_t key_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b & 0x7fffffffu;
+}
+
+template <typename T>
+inline float as_float(const void* p, int64_t i) {
+  return static_cast<float>(static_cast<const T*>(p)[i]);
+}
+
+struct Part {  // one tensor, flattened
+  void* data;
+  at::ScalarType dtype;
+  int64_t numel;
+  int64_t offset;  // flat offset in the concatenation
+};
+
+struct Block {
+  int32_t part;
+  int64_t begin;
+  int64_t len;
+};
+
+template <typename Fn>
+void with_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, "sparsefl.topk: unsupported dtype ", t);
+  }
+}
+
+// Calls fn(key, flat_index_within_part) for every element of a block.
+template <typename Fn>
+void for_each_key(const Part& p, const Block& b, Fn&& fn) {
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* x = static_cast<const T*>(p.data) + b.begin;
+    for (int64_t i = 0; i < b.len; ++i) fn(key_of(static_cast<float>(x[i])), b.begin + i);
+  });
+}
+
+struct Threshold {
+  uint32_t key = 0;      // the k-th largest key
+  int64_t need_eq = 0;   // how many elements equal to `key` are kept (lowest indices first)
+  int64_t n_eq = 0;      // how many there are
+  bool all = false;      // k == n: keep everything
+  bool none = false;     // k == 0
+};
+
+// Histogram over all blocks of the digit (key >> shift) & mask, for keys whose bits above
+// `shift + width` equal `prefix` (prefix_shift = 32 disables the filter).
+std::vector<int64_t> histogram(const std::vector<Part>& parts, const std::vector<Block>& blocks,
+                               int shift, int width, uint32_t prefix, int prefix_shift,
+                               bool check_nan) {
+  const size_t bins = size_t{1} << width;
+  const uint32_t mask = static_cast<uint32_t>(bins - 1);
+  std::vector<int64_t> total(bins, 0);
+  std::mutex mu;
+  bool nan_seen = false;
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<uint32_t> h(bins, 0);  // per thread; < 2^32 per block range is guaranteed
+    bool nan_here = false;
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const Block& b = blocks[bi];
+      for_each_key(parts[b.part], b, [&](uint32_t k, int64_t) {
+        if (check_nan && k > kNaNKey) nan_here = true;
+        if (prefix_shift >= 32 || (k >> prefix_shift) == prefix) ++h[(k >> shift) & mask];
+      });
+    }
+    std::lock_guard<std::mutex> g(mu);
+    nan_seen |= nan_here;
+    for (size_t i = 0; i < bins; ++i) total[i] += h[i];
+  });
+  TORCH_CHECK_VALUE(!nan_seen, "sparsefl.topk: input contains NaN; the magnitude order of NaN "
+                    "is undefined (clean or mask the tensor first)");
+  return total;
+}
+
+// Walk bins from the top: the bin holding the `k`-th largest, and the count above it.
+std::pair<uint32_t, int64_t> pick_bin(const std::vector<int64_t>& h, int64_t k) {
+  int64_t above = 0;
+  for (int64_t b = static_cast<int64_t>(h.size()) - 1; b >= 0; --b) {
+    if (above + h[b] >= k) return {static_cast<uint32_t>(b), above};
+    above += h[b];
+  }
+  TORCH_CHECK(false, "sparsefl.topk: internal error, k exceeds the element count");
+}
+
+Threshold find_threshold(const std::vector<Part>& parts, const std::vector<Block>& blocks,
+                         int64_t n, int64_t k) {
+  Threshold t;
+  // Pass 1 also checks for NaN, even when k is 0 or n: bad input is refused consistently.
+  auto h1 = histogram(parts, blocks, 15, 16, 0, 32, /*check_nan=*/true);
+  if (k == 0) { t.none = true; return t; }
+  if (k == n) { t.all = true; return t; }
+  auto [b1, above1] = pick_bin(h1, k);
+  auto h2 = histogram(parts, blocks, 0, 15, b1, 15, false);
+  auto [b2, above2] = pick_bin(h2, k - above1);
+  t.key = (b1 << 15) | b2;
+  t.n_eq = h2[b2];
+  t.need_eq = k - above1 - above2;
+  return t;
+}
+
+struct Selection {
+  std::vector<int64_t> kept_before;  // exclusive scan of kept counts per block
+  std::vector<int64_t> eq_before;    // exclusive scan of tie counts per block
+};
+
+// Pass 3: per-block kept counts and their scan (ties resolved by block order).
+Selection scan_blocks(const std::vector<Part>& parts, const std::vector<Block>& blocks,
+                      const Threshold& t) {
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  std::vector<int64_t> gt(nb, 0), eq(nb, 0);
+  if (!t.all && !t.none) {
+    at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t bi = lo; bi < hi; ++bi) {
+        int64_t g = 0, e = 0;
+        for_each_key(parts[blocks[bi].part], blocks[bi], [&](uint32_t k, int64_t) {
+          g += k > t.key;
+          e += k == t.key;
+        });
+        gt[bi] = g;
+        eq[bi] = e;
+      }
+    });
+  }
+  Selection s;
+  s.kept_before.assign(nb + 1, 0);
+  s.eq_before.assign(nb + 1, 0);
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t len = blocks[bi].len;
+    int64_t kept;
+    if (t.all) kept = len;
+    else if (t.none) kept = 0;
+    else {
+      const int64_t ties_left = std::max<int64_t>(0, t.need_eq - s.eq_before[bi]);
+      kept = gt[bi] + std::min(eq[bi], ties_left);
+    }
+    s.eq_before[bi + 1] = s.eq_before[bi] + eq[bi];
+    s.kept_before[bi + 1] = s.kept_before[bi] + kept;
+  }
+  return s;
+}
+
+// Is an element with this key kept, given how many ties came before it?
+inline bool keep(const Threshold& t, uint32_t key, int64_t& ties_seen) {
+  if (t.all) return true;
+  if (t.none) return false;
+  if (key > t.key) return true;
+  if (key == t.key) return ties_seen++ < t.need_eq;
+  return false;
+}
+
+struct Prepared {
+  std::vector<Part> parts;
+  std::vector<Block> blocks;
+  int64_t n = 0;
+};
+
+Prepared prepare(at::TensorList xs) {
+  Prepared p;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const auto& x = xs[i];
+    TORCH_CHECK_VALUE(x.device().is_cpu(), "sparsefl.topk: tensors[", i, "] must be on CPU");
+    TORCH_CHECK_VALUE(x.is_contiguous(), "sparsefl.topk: tensors[", i, "] must be contiguous");
+    const auto st = x.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+                     "sparsefl.topk: tensors[", i, "] has dtype ", st,
+                     "; supported: float32, float16, bfloat16");
+    p.parts.push_back({x.data_ptr(), st, x.numel(), p.n});
+    for (int64_t s = 0; s < x.numel(); s += kBlock)
+      p.blocks.push_back({static_cast<int32_t>(i), s, std::min(kBlock, x.numel() - s)});
+    p.n += x.numel();
+  }
+  return p;
+}
+
+void check_k(int64_t k, int64_t n) {
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "sparsefl.topk: k = ", k, " is outside [0, ", n, "]");
+}
+
+// Pass 4 for masks.
+std::vector<at::Tensor> topk_mask_cpu(at::TensorList xs, int64_t k) {
+  auto prep = prepare(xs);
+  check_k(k, prep.n);
+  const Threshold t = find_threshold(prep.parts, prep.blocks, prep.n, k);
+  const Selection s = scan_blocks(prep.parts, prep.blocks, t);
+  std::vector<at::Tensor> masks;
+  std::vector<bool*> mptr;
+  for (const auto& x : xs) {
+    masks.push_back(at::empty(x.sizes(), x.options().dtype(at::kBool)));
+    mptr.push_back(masks.back().data_ptr<bool>());
+  }
+  at::parallel_for(0, static_cast<int64_t>(prep.blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const Block& b = prep.blocks[bi];
+      int64_t ties = s.eq_before[bi];
+      bool* m = mptr[b.part];
+      for_each_key(prep.parts[b.part], b, [&](uint32_t key, int64_t i) { m[i] = keep(t, key, ties); });
+    }
+  });
+  return masks;
+}
+
+// Pass 4 for compression: sorted flat indices (int64) and the kept values.  `residual`
+// (same shapes, may be empty) turns on error feedback: r <- r + x before selecting on r,
+// then r[sent] <- 0.
+std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(at::TensorList xs, at::TensorList residual,
+                                                     int64_t k) {
+  TORCH_CHECK_VALUE(residual.empty() || residual.size() == xs.size(),
+                    "sparsefl.topk: residual has ", residual.size(), " tensors, expected ",
+                    xs.size());
+  TORCH_CHECK_VALUE(!xs.empty(), "sparsefl.topk: topk_compress needs at least one tensor");
+  const auto dtype = xs[0].scalar_type();
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK_TYPE(xs[i].scalar_type() == dtype, "sparsefl.topk: compress needs one dtype, ",
+                     "tensors[", i, "] is ", xs[i].scalar_type(), " but tensors[0] is ", dtype);
+    if (!residual.empty()) {
+      TORCH_CHECK_VALUE(residual[i].sizes() == xs[i].sizes() &&
+                            residual[i].scalar_type() == dtype && residual[i].is_contiguous() &&
+                            residual[i].device().is_cpu(),
+                        "sparsefl.topk: residual[", i, "] must be a contiguous CPU tensor of ",
+                        "the same shape and dtype as tensors[", i, "]");
+    }
+  }
+  prepare(xs);  // validates device, layout and dtype of the update before anything is written
+  std::vector<at::Tensor> src;
+  if (residual.empty()) {
+    src.assign(xs.begin(), xs.end());
+  } else {
+    // Refuse NaN before the residual is touched, so a bad update loses no feedback state.
+    for (size_t i = 0; i < xs.size(); ++i)
+      TORCH_CHECK_VALUE(!at::isnan(xs[i]).any().item<bool>(), "sparsefl.topk: tensors[", i,
+                        "] contains NaN; the residual was left unchanged");
+    for (size_t i = 0; i < xs.size(); ++i) {
+      residual[i].add_(xs[i]);
+      src.push_back(residual[i]);
+    }
+  }
+  auto prep = prepare(src);
+  check_k(k, prep.n);
+  const Threshold t = find_threshold(prep.parts, prep.blocks, prep.n, k);
+  const Selection s = scan_blocks(prep.parts, prep.blocks, t);
+  auto idx = at::empty({k}, xs[0].options().dtype(at::kLong));
+  auto val = at::empty({k}, xs[0].options());
+  int64_t* ip = idx.data_ptr<int64_t>();
+  void* vp = val.data_ptr();
+  const bool feedback = !residual.empty();
+  at::parallel_for(0, static_cast<int64_t>(prep.blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const Block& b = prep.blocks[bi];
+      const Part& p = prep.parts[b.part];
+      int64_t ties = s.eq_before[bi];
+      int64_t out = s.kept_before[bi];
+      with_dtype(p.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        T* x = static_cast<T*>(p.data);
+        T* v = static_cast<T*>(vp);
+        for (int64_t i = b.begin; i < b.begin + b.len; ++i) {
+          if (keep(t, key_of(static_cast<float>(x[i])), ties)) {
+            ip[out] = p.offset + i;
+            v[out] = x[i];
+            ++out;
+            if (feedback) x[i] = T(0);
+          }
+        }
+      });
+    }
+  });
+  return {idx, val};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
+  m.def("topk_mask(Tensor[] xs, int k) -> Tensor[]");
+  m.def("topk_compress(Tensor[] xs, Tensor(a!)[] residual, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
+  m.impl("topk_mask", &topk_mask_cpu);
+  m.impl("topk_compress", &topk_compress_cpu);
+}
+
+}  // namespace sparsefl
