@@ -88,8 +88,29 @@ struct Threshold {
   bool none = false;     // k == 0
 };
 
-// Histogram over all blocks of the digit (key >> shift) & mask, for keys whose bits above
-// `shift + width` equal `prefix` (prefix_shift = 32 disables the filter).
+// Histogram of the digit (key >> shift) & mask over one block, for keys whose bits above
+// `prefix_shift` equal `prefix` (prefix_shift >= 32: no filter).  Returns the largest key
+// seen (NaN check).  Written as plain loops over locals so the compiler keeps everything
+// in registers (no aliasing between the counts and the parameters).
+template <typename T>
+uint32_t hist_block(const T* x, int64_t n, uint32_t* h, int shift, uint32_t mask,
+                    uint32_t prefix, int prefix_shift) {
+  uint32_t kmax = 0;
+  if (prefix_shift >= 32) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t k = key_of(static_cast<float>(x[i]));
+      kmax = std::max(kmax, k);
+      ++h[(k >> shift) & mask];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t k = key_of(static_cast<float>(x[i]));
+      if ((k >> prefix_shift) == prefix) ++h[(k >> shift) & mask];
+    }
+  }
+  return kmax;
+}
+
 std::vector<int64_t> histogram(const std::vector<Part>& parts, const std::vector<Block>& blocks,
                                int shift, int width, uint32_t prefix, int prefix_shift,
                                bool check_nan) {
@@ -97,23 +118,25 @@ std::vector<int64_t> histogram(const std::vector<Part>& parts, const std::vector
   const uint32_t mask = static_cast<uint32_t>(bins - 1);
   std::vector<int64_t> total(bins, 0);
   std::mutex mu;
-  bool nan_seen = false;
+  uint32_t kmax = 0;
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<uint32_t> h(bins, 0);  // per thread; < 2^32 per block range is guaranteed
-    bool nan_here = false;
+    std::vector<uint32_t> h(bins, 0);  // per thread (a thread's range is < 2^32 elements)
+    uint32_t m = 0;
     for (int64_t bi = lo; bi < hi; ++bi) {
       const Block& b = blocks[bi];
-      for_each_key(parts[b.part], b, [&](uint32_t k, int64_t) {
-        if (check_nan && k > kNaNKey) nan_here = true;
-        if (prefix_shift >= 32 || (k >> prefix_shift) == prefix) ++h[(k >> shift) & mask];
+      const Part& p = parts[b.part];
+      with_dtype(p.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        m = std::max(m, hist_block(static_cast<const T*>(p.data) + b.begin, b.len, h.data(),
+                                   shift, mask, prefix, prefix_shift));
       });
     }
     std::lock_guard<std::mutex> g(mu);
-    nan_seen |= nan_here;
+    kmax = std::max(kmax, m);
     for (size_t i = 0; i < bins; ++i) total[i] += h[i];
   });
-  TORCH_CHECK_VALUE(!nan_seen, "sparsefl.topk: input contains NaN; the magnitude order of NaN "
-                    "is undefined (clean or mask the tensor first)");
+  TORCH_CHECK_VALUE(!check_nan || kmax <= kNaNKey, "sparsefl.topk: input contains NaN; the "
+                    "magnitude order of NaN is undefined (clean or mask the tensor first)");
   return total;
 }
 
@@ -156,10 +179,18 @@ Selection scan_blocks(const std::vector<Part>& parts, const std::vector<Block>& 
   if (!t.all && !t.none) {
     at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t bi = lo; bi < hi; ++bi) {
+        const Block& b = blocks[bi];
+        const Part& p = parts[b.part];
+        const uint32_t key = t.key;
         int64_t g = 0, e = 0;
-        for_each_key(parts[blocks[bi].part], blocks[bi], [&](uint32_t k, int64_t) {
-          g += k > t.key;
-          e += k == t.key;
+        with_dtype(p.dtype, [&](auto tag) {
+          using T = decltype(tag);
+          const T* x = static_cast<const T*>(p.data) + b.begin;
+          for (int64_t i = 0; i < b.len; ++i) {
+            const uint32_t k = key_of(static_cast<float>(x[i]));
+            g += k > key;
+            e += k == key;
+          }
         });
         gt[bi] = g;
         eq[bi] = e;
@@ -237,8 +268,30 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList xs, int64_t k) {
     for (int64_t bi = lo; bi < hi; ++bi) {
       const Block& b = prep.blocks[bi];
       int64_t ties = s.eq_before[bi];
-      bool* m = mptr[b.part];
-      for_each_key(prep.parts[b.part], b, [&](uint32_t key, int64_t i) { m[i] = keep(t, key, ties); });
+      bool* m = mptr[b.part] + b.begin;
+      const int64_t eq_here = s.eq_before[bi + 1] - s.eq_before[bi];
+      if (t.all || t.none) {
+        std::memset(m, t.all ? 1 : 0, b.len);
+        continue;
+      }
+      // Ties of this block are all kept, or none: a branch-free compare does it.
+      const bool all_ties = ties + eq_here <= t.need_eq;
+      const bool no_ties = ties >= t.need_eq || eq_here == 0;
+      if (all_ties || no_ties) {
+        const uint32_t key = t.key;
+        with_dtype(prep.parts[b.part].dtype, [&](auto tag) {
+          using T = decltype(tag);
+          const T* x = static_cast<const T*>(prep.parts[b.part].data) + b.begin;
+          if (all_ties)
+            for (int64_t i = 0; i < b.len; ++i) m[i] = key_of(static_cast<float>(x[i])) >= key;
+          else
+            for (int64_t i = 0; i < b.len; ++i) m[i] = key_of(static_cast<float>(x[i])) > key;
+        });
+        continue;
+      }
+      for_each_key(prep.parts[b.part], b, [&](uint32_t key, int64_t i) {
+        m[i - b.begin] = keep(t, key, ties);
+      });
     }
   });
   return masks;
