@@ -1,4 +1,4 @@
-"""Command line: `sparsefl info`, `sparsefl bench sam`."""
+"""Command line: `sparsefl info`, `sparsefl bench sam|topk|aggregate|codec|all`."""
 
 from __future__ import annotations
 
@@ -30,9 +30,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sparsefl bench: --device cuda asked for, but torch sees no GPU", file=sys.stderr)
         return 2
-    from sparsefl.bench import sam
+    from sparsefl.bench import sam, sparse
 
-    print(sam.run(rounds=args.rounds, device=args.device, backend=args.backend))
+    for what in (["sam", "topk", "aggregate", "codec"] if args.what == "all" else [args.what]):
+        if what == "sam":
+            print(sam.run(rounds=args.rounds, device=args.device, backend=args.backend))
+        else:
+            print(sparse.run(what, rounds=max(3, args.rounds // 3)))
+        print()
     return 0
 
 
@@ -42,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which kernels and backends this install has").set_defaults(
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
-    bench.add_argument("what", choices=["sam"], help="sam: SAM/ASAM perturb+restore")
+    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "all"],
+                       help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
+                            "aggregate: sparse aggregation; codec: payload sizes")
     bench.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -13,12 +13,12 @@ passes (reads + writes, see ../shared/specs/kernels.md); GB/s = bytes moved / ti
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sparsefl.bench.timing import Timing, measure_interleaved
+from sparsefl.bench.report import Workload, report
+from sparsefl.bench.timing import measure_interleaved
 from sparsefl.optim._perturbation import Perturbation
 
 
@@ -40,14 +40,6 @@ def resnet18_shapes(num_classes: int = 10) -> list[tuple[int, ...]]:
 def make_tensors(shapes, seed: int, dtype=torch.float32, device="cpu") -> list[Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g).to(dtype=dtype, device=device) for s in shapes]
-
-
-@dataclass
-class Workload:
-    name: str
-    fn: Callable[[], object]
-    bytes_per_param: float
-    baseline: str | None  # name of the workload this one is compared against
 
 
 @torch.no_grad()
@@ -85,33 +77,19 @@ def sam_workloads(shapes=None, device: str = "cpu", backend: str | None = None,
         return run
 
     workloads = [
-        Workload("copy (x.copy_)", lambda: flat_dst.copy_(flat_src), 8, None),
+        Workload("copy (x.copy_)", lambda: flat_dst.copy_(flat_src), 8 * n, None),
         Workload("SAM eager (davda54 way)", lambda: eager_sam_step(params, grads, 0.05, False),
-                 32, None),
-        Workload("SAM fused (swap restore)", fused(False, "swap"), 16, "SAM eager (davda54 way)"),
-        Workload("SAM fused (in place + copy restore)", fused(False, "copy"), 28,
+                 32 * n, None),
+        Workload("SAM fused (swap restore)", fused(False, "swap"), 16 * n,
+                 "SAM eager (davda54 way)"),
+        Workload("SAM fused (in place + copy restore)", fused(False, "copy"), 28 * n,
                  "SAM eager (davda54 way)"),
         Workload("ASAM eager (davda54 adaptive)",
-                 lambda: eager_sam_step(params, grads, 0.05, True), 72, None),
-        Workload("ASAM fused (swap restore)", fused(True, "swap"), 20,
+                 lambda: eager_sam_step(params, grads, 0.05, True), 72 * n, None),
+        Workload("ASAM fused (swap restore)", fused(True, "swap"), 20 * n,
                  "ASAM eager (davda54 adaptive)"),
     ]
     return workloads, n
-
-
-def report(results: dict[str, Timing], workloads: list[Workload], n: int) -> str:
-    """Markdown table: time, ratio against the baseline, GB/s and share of copy bandwidth."""
-    by_name = {w.name: w for w in workloads}
-    copy_gbs = 8 * n / results["copy (x.copy_)"].median_s / 1e9
-    rows = ["| workload | median ms | IQR ms | speedup vs eager | bytes/param | GB/s | "
-            "% of copy BW |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, t in results.items():
-        w = by_name[name]
-        gbs = w.bytes_per_param * n / t.median_s / 1e9
-        ratio = (f"{results[w.baseline].median_s / t.median_s:.2f}x" if w.baseline else "")
-        rows.append(f"| {name} | {t.median_s * 1e3:.2f} | {t.iqr_s * 1e3:.2f} | {ratio} | "
-                    f"{w.bytes_per_param:g} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% |")
-    return "\n".join(rows)
 
 
 def run(rounds: int = 30, device: str = "cpu", backend: str | None = None) -> str:
@@ -120,4 +98,4 @@ def run(rounds: int = 30, device: str = "cpu", backend: str | None = None) -> st
     head = (f"SAM/ASAM perturb+restore, ResNet-18 shapes ({n:,} fp32 params in "
             f"{len(resnet18_shapes())} tensors), device={device}, "
             f"threads={torch.get_num_threads()}, {rounds} rounds\n\n")
-    return head + report(results, workloads, n)
+    return head + report(results, workloads, n, "copy (x.copy_)")

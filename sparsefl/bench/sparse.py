@@ -1,0 +1,97 @@
+"""Top-k, aggregation and codec workloads on ResNet-18 shapes (11.17M params).
+
+Eager baselines, written here the way the field's code does it:
+- global top-k mask: torch.cat of |w|, torch.topk for the k-th value, a compare per tensor;
+- aggregation: a float32 accumulator and one index_add_ per client, then base + acc.
+Fused: sparsefl.ops.topk_mask / sparse_aggregate.  Byte counts are the design's reads and
+writes (top-k: 3 read passes + a read/write pass; aggregation: payloads + base + out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsefl import codec, ops
+from sparsefl.bench.report import Workload, report
+from sparsefl.bench.sam import make_tensors, resnet18_shapes
+from sparsefl.bench.timing import measure_interleaved
+
+
+def _copy(n: int) -> Workload:
+    src, dst = torch.randn(n), torch.empty(n)
+    return Workload("copy (x.copy_)", lambda: dst.copy_(src), 8 * n, None)
+
+
+def topk_workloads(seed: int = 0) -> tuple[list[Workload], int]:
+    xs = make_tensors(resnet18_shapes(), seed)
+    n = sum(x.numel() for x in xs)
+
+    def eager(density: float):
+        flat = torch.cat([x.flatten() for x in xs]).abs()
+        thr = torch.topk(flat, ops.keep_count(n, density), sorted=False).values.min()
+        return [x.abs() >= thr for x in xs]
+
+    out = [_copy(n)]
+    for d in (0.05, 0.01):
+        out.append(Workload(f"top-k mask {d:.0%} eager (torch.topk)",
+                            lambda d=d: eager(d), None, None))
+        out.append(Workload(f"top-k mask {d:.0%} fused", lambda d=d: ops.topk_mask(xs, d),
+                            17 * n, f"top-k mask {d:.0%} eager (torch.topk)"))
+    return out, n
+
+
+def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.01))
+                        ) -> tuple[list[Workload], int]:
+    n = sum(torch.Size(s).numel() for s in resnet18_shapes())
+    g = torch.Generator().manual_seed(seed)
+    base, out = torch.randn(n), torch.empty(n)
+    work = [_copy(n)]
+    for C, d in cases:
+        k = int(n * d)
+        pays = [(torch.sort(torch.randperm(n, generator=g)[:k]).values,
+                 torch.randn(k, generator=g)) for _ in range(C)]
+        pays32 = [(i.int(), v) for i, v in pays]
+        w = [1.0 / C] * C
+
+        def eager(pays=pays, w=w):
+            acc = torch.zeros(n)
+            for (i, v), ww in zip(pays, w):
+                acc.index_add_(0, i, v * ww)
+            return base + acc
+
+        name = f"aggregate {C} clients x {d:.0%}"
+        work.append(Workload(f"{name} eager (index_add_)", eager, None, None))
+        work.append(Workload(f"{name} fused, int64 idx",
+                             lambda p=pays, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             C * k * 12 + 8 * n, f"{name} eager (index_add_)"))
+        work.append(Workload(f"{name} fused, int32 idx",
+                             lambda p=pays32, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             C * k * 8 + 8 * n, f"{name} eager (index_add_)"))
+    return work, n
+
+
+def codec_table(seed: int = 0) -> str:
+    xs = make_tensors(resnet18_shapes(), seed)
+    numels = [x.numel() for x in xs]
+    n = sum(numels)
+    dense = codec.dense_bytes(n)
+    rows = ["| sparsity | values | payload bytes | bytes/param | dense fp32 / payload |",
+            "|---:|---|---:|---:|---:|"]
+    for sparsity in (0.9, 0.95, 0.99):
+        idx, val = ops.topk_compress(xs, 1 - sparsity)
+        chunks = codec.split_flat(idx, val, numels)
+        for dt in (torch.float32, torch.float16):
+            size = len(codec.encode(chunks, dt))
+            rows.append(f"| {sparsity:.0%} | {str(dt).split('.')[-1]} | {size:,} | "
+                        f"{size / n:.4f} | {dense / size:.1f} |")
+    return f"dense fp32: {dense:,} bytes ({n:,} params)\n\n" + "\n".join(rows)
+
+
+def run(what: str, rounds: int = 10) -> str:
+    if what == "codec":
+        return codec_table()
+    workloads, n = topk_workloads() if what == "topk" else aggregate_workloads()
+    results = measure_interleaved({w.name: w.fn for w in workloads}, rounds=rounds, warmup=1)
+    head = (f"{what}, ResNet-18 shapes ({n:,} params), threads={torch.get_num_threads()}, "
+            f"{rounds} rounds, interleaved\n\n")
+    return head + report(results, workloads, n, "copy (x.copy_)")
