@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sparsefl import ops
 from sparsefl.ops.reference import topk as reference
 
-BACKENDS = [b for b in cpu_backends() if b.id != "triton"]  # no Triton top-k yet
+BACKENDS = cpu_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DENSITIES = [0.0, 0.01, 0.05, 0.1, 0.5, 0.999, 1.0]
 

@@ -10,9 +10,9 @@
 ValueError.  With a residual (error feedback, one tensor per input, same shape and dtype):
 e = x + residual is compressed and residual becomes e - sent, in the same kernel.
 
-Backends: reference (plain torch, sort-based) and cpp (radix select, multi-threaded,
-csrc/cpu/topk.cpp).  CUDA and Triton top-k kernels are not written yet: on a GPU the
-reference runs.  Registered as torch.ops.sparsefl.topk_mask / topk_compress.
+Backends: reference (plain torch, sort-based), cpp (radix select, multi-threaded,
+csrc/cpu/topk.cpp) and triton (radix select, kernels/topk.py; on a GPU it is what auto
+picks).  No CUDA C++ top-k kernel is written yet.  Registered as torch.ops.sparsefl.topk_mask / topk_compress.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def _impl(name: str) -> types.SimpleNamespace:
         if name == "reference":
             _IMPLS[name] = types.SimpleNamespace(mask=_reference.topk_mask,
                                                  compress=_reference.topk_compress)
+        elif name == "triton":
+            from sparsefl.triton_kernels import topk as _triton
+
+            _IMPLS[name] = types.SimpleNamespace(mask=_triton.topk_mask,
+                                                 compress=_triton.topk_compress)
         else:
             _IMPLS[name] = types.SimpleNamespace(mask=torch.ops.sparsefl_C.topk_mask,
                                                  compress=torch.ops.sparsefl_C.topk_compress)
@@ -74,7 +79,7 @@ def _check_k(k: int, xs: Sequence[Tensor]) -> None:
 
 
 def _run(backend: str, xs: list[Tensor], residual: list[Tensor], op: str, call):
-    name = _backend.resolve(backend, xs, native_op=op, triton=False)
+    name = _backend.resolve(backend, xs, native_op=op, triton=True)
     _check(xs, residual)  # cheap: per-tensor metadata only
     return call(_impl(name))
 
