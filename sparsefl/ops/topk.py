@@ -12,7 +12,8 @@ e = x + residual is compressed and residual becomes e - sent, in the same kernel
 
 Backends: reference (plain torch, sort-based), cpp (radix select, multi-threaded,
 csrc/cpu/topk.cpp) and triton (radix select, kernels/topk.py; on a GPU it is what auto
-picks).  No CUDA C++ top-k kernel is written yet.  Registered as torch.ops.sparsefl.topk_mask / topk_compress.
+picks).  No CUDA C++ top-k kernel is written yet.
+Registered as torch.ops.sparsefl.topk_mask / topk_compress.
 """
 
 from __future__ import annotations
