@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sparsefl.ops.reference.topk import _check_nan, fold_residual, zero_sent
+
 BLOCK = 1024
 PASSES = ((23, 8), (15, 8), (7, 8), (0, 7))  # (shift, width) of each digit
 
@@ -96,13 +98,6 @@ def _flat_mask(flat: Tensor, k: int) -> Tensor:
     return out.bool()
 
 
-def _check_nan(xs: Sequence[Tensor]) -> None:
-    for i, x in enumerate(xs):
-        if torch.isnan(x).any():
-            raise ValueError(f"sparsefl.topk: tensors[{i}] contains NaN; the magnitude order "
-                             "of NaN is undefined (clean or mask the tensor first)")
-
-
 def _flat(xs: Sequence[Tensor]) -> Tensor:
     return torch.cat([x.reshape(-1) for x in xs]) if xs else torch.empty(0)
 
@@ -120,18 +115,8 @@ def topk_mask(xs: Sequence[Tensor], k: int) -> list[Tensor]:
 def topk_compress(xs: Sequence[Tensor], residual: Sequence[Tensor], k: int
                   ) -> tuple[Tensor, Tensor]:
     _check_nan(xs)
-    src = list(xs)
-    if residual:
-        for r, x in zip(residual, xs):
-            r.add_(x)
-        src = list(residual)
-    flat = _flat(src)
+    flat = _flat(fold_residual(xs, residual))
     idx = _flat_mask(flat.float(), k).nonzero().flatten()
     values = flat[idx].clone()
-    if residual:
-        offset = 0
-        for r in residual:
-            local = idx[(idx >= offset) & (idx < offset + r.numel())] - offset
-            r.view(-1)[local] = 0
-            offset += r.numel()
+    zero_sent(residual, idx)
     return idx, values

@@ -215,13 +215,8 @@ class TopKCompressor:
     @torch.no_grad()
     def _threshold_select(self, xs: list[Tensor], n: int) -> tuple[Tensor, Tensor]:
         _reference._check_nan(xs)
-        if self.residual is not None:
-            for r, x in zip(self.residual, xs):
-                r.add_(x)
-            src = self.residual
-        else:
-            src = xs
-        flat = torch.cat([s.reshape(-1) for s in src])
+        flat = torch.cat([s.reshape(-1) for s in _reference.fold_residual(xs, self.residual
+                                                                          or [])])
         if self.mode == "sample" or self.threshold is None:
             pick = torch.randint(0, n, (min(self.sample_size, n),), generator=self._gen)
             sample = flat[pick.to(flat.device)].float().abs()
@@ -231,10 +226,5 @@ class TopKCompressor:
             flat, dtype=torch.bool)
         idx = keep.nonzero().flatten()
         val = flat[idx].clone()
-        if self.residual is not None:
-            offset = 0
-            for r in self.residual:
-                local = idx[(idx >= offset) & (idx < offset + r.numel())] - offset
-                r.view(-1)[local] = 0
-                offset += r.numel()
+        _reference.zero_sent(self.residual or [], idx)
         return idx, val

@@ -48,21 +48,30 @@ def topk_mask(xs: Sequence[Tensor], k: int) -> list[Tensor]:
     return [m.view(x.shape).clone() for m, x in zip(mask.split([x.numel() for x in xs]), xs)]
 
 
+def fold_residual(xs: Sequence[Tensor], residual: Sequence[Tensor]) -> list[Tensor]:
+    """Error feedback, first half: residual <- residual + x; the selection runs on it."""
+    if not residual:
+        return list(xs)
+    for r, x in zip(residual, xs):
+        r.add_(x)
+    return list(residual)
+
+
+def zero_sent(residual: Sequence[Tensor], idx: Tensor) -> None:
+    """Error feedback, second half: what was sent (flat indices, ascending) is no longer owed."""
+    offset = 0
+    for r in residual:
+        local = idx[(idx >= offset) & (idx < offset + r.numel())] - offset
+        r.view(-1)[local] = 0
+        offset += r.numel()
+
+
 @torch.no_grad()
 def topk_compress(xs: Sequence[Tensor], residual: Sequence[Tensor], k: int
                   ) -> tuple[Tensor, Tensor]:
     _check_nan(xs)
-    src = list(xs)
-    if residual:
-        for r, x in zip(residual, xs):
-            r.add_(x)
-        src = list(residual)
+    src = fold_residual(xs, residual)
     idx = _selected(_flat_abs(src), k)
     values = torch.cat([s.reshape(-1) for s in src])[idx].clone()
-    if residual:
-        offset = 0
-        for r in residual:
-            local = idx[(idx >= offset) & (idx < offset + r.numel())] - offset
-            r.view(-1)[local] = 0
-            offset += r.numel()
+    zero_sent(residual, idx)
     return idx, values
