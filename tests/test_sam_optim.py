@@ -279,3 +279,26 @@ def test_grad_scaler_recipe_matches_unscaled_training():
         scaler.update()
         opt_b.zero_grad()
     assert_models_close(a, b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("restore", ["swap", "copy"])
+def test_two_direction_perturbation_and_exact_restore(restore):
+    """The Agnostic-SAM step through the optimizer layer, both restore modes."""
+    from sparsefl import ops
+    from sparsefl.optim._perturbation import Perturbation
+
+    model = small_cnn()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(9)
+    g1 = [torch.randn(p.shape, generator=g) for p in params]
+    g2 = [torch.randn(p.shape, generator=g) for p in params]
+    original = [p.detach().clone() for p in params]
+    want = [torch.empty_like(p) for p in original]
+    ops.two_dir_perturb(original, g1, g2, want, 0.05, 0.02, backend="reference")
+    pert = Perturbation(restore=restore)
+    pert.apply(params, g1, [0.05] * len(params), [False] * len(params), 0.0, 1e-12,
+               grads2=g2, rho2=0.02)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.detach(), w)
+    pert.restore()
+    assert all(torch.equal(p.detach(), o) for p, o in zip(params, original))
