@@ -9,7 +9,8 @@ ascending, values float32/float16/bfloat16.  A pair with an empty index tensor a
 values is a dense update.  Bitwise reproducible (fixed client order, float64 per element),
 and the kernel's working memory does not grow with the number of clients.
 
-Backends: reference (float64 index_add_), cpp (tiled merge, csrc/cpu/aggregate.cpp).
+Backends: reference (float64 index_add_), cpp (tiled merge, csrc/cpu/aggregate.cpp),
+cuda (one block per tile, csrc/cuda/aggregate.cu: compile-checked, not yet run on a GPU).
 Registered as torch.ops.sparsefl.sparse_aggregate.
 """
 
