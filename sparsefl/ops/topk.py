@@ -11,8 +11,8 @@ ValueError.  With a residual (error feedback, one tensor per input, same shape a
 e = x + residual is compressed and residual becomes e - sent, in the same kernel.
 
 Backends: reference (plain torch, sort-based), cpp (radix select, multi-threaded,
-csrc/cpu/topk.cpp) and triton (radix select, kernels/topk.py; on a GPU it is what auto
-picks).  No CUDA C++ top-k kernel is written yet.
+csrc/cpu/topk.cpp), triton (radix select, kernels/topk.py) and cuda (radix select on the
+device, csrc/cuda/topk.cu: compile-checked, not yet run on a GPU).
 Registered as torch.ops.sparsefl.topk_mask / topk_compress.
 """
 
