@@ -46,6 +46,7 @@ def extensions() -> tuple[list, dict]:
         sources=sources,
         extra_compile_args=extra,
         extra_link_args=ldflags,
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
         py_limited_api=False,
     )
     cmd = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

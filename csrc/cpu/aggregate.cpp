@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dtype.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,16 +31,6 @@ namespace sparsefl {
 namespace {
 
 constexpr int64_t kTile = 1 << 12;  // 32 KiB of doubles per tile: the accumulator stays in L1
-
-template <typename Fn>
-void with_value_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "sparsefl.aggregate: unsupported value dtype ", t);
-  }
-}
 
 struct Client {
   const void* idx;  // int64 or int32 (may be null when nnz == 0)
@@ -86,7 +78,7 @@ void validate(const Client& c, int64_t numel, size_t which) {
     TORCH_CHECK_VALUE(ok, "sparsefl.aggregate: payload ", which, " indices are not strictly "
                       "ascending in [0, ", numel, ")");
   }
-  with_value_dtype(c.vdtype, [&](auto tag) {
+  dispatch_float_dtype(c.vdtype, "sparsefl.aggregate", [&](auto tag) {
     using T = decltype(tag);
     TORCH_CHECK_VALUE(non_finite(static_cast<const T*>(c.val), c.nnz) == 0,
                       "sparsefl.aggregate: payload ", which, " has a value that is not finite");
@@ -207,7 +199,7 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
       std::fill(acc.begin(), acc.begin() + len, 0.0);
       for (size_t c = 0; c < C; ++c) {
         const Client& cl = clients[c];
-        with_value_dtype(cl.vdtype, [&](auto tag) {
+        dispatch_float_dtype(cl.vdtype, "sparsefl.aggregate", [&](auto tag) {
           using T = decltype(tag);
           const T* v = static_cast<const T*>(cl.val);
           if (cl.dense) {  // a plain axpy on the tile

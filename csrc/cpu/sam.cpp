@@ -27,6 +27,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dtype.h"
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -231,16 +233,6 @@ void block_apply(const TensorArgs& a, const Block& b, float eta, float s1, float
   }
 }
 
-template <typename Fn>
-void dispatch_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "sparsefl: unsupported dtype ", t);
-  }
-}
-
 void check_pair(const at::Tensor& ref, const at::Tensor& t, const char* what, size_t i) {
   TORCH_CHECK(t.device().is_cpu(), "sparsefl: ", what, "[", i, "] must be a CPU tensor");
   TORCH_CHECK(t.sizes() == ref.sizes(), "sparsefl: ", what, "[", i, "] has shape ", t.sizes(),
@@ -312,7 +304,7 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
   at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const TensorArgs& a = args[blocks[b].tensor];
-      dispatch_dtype(a.dtype, [&](auto tag) {
+      dispatch_float_dtype(a.dtype, "sparsefl", [&](auto tag) {
         auto r = block_sumsq<decltype(tag)>(a, blocks[b], feta);
         p1[b] = r.first;
         p2[b] = r.second;
@@ -335,7 +327,7 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
     for (int64_t b = hi - 1; b >= lo; --b) {
       const TensorArgs& a = args[blocks[b].tensor];
       const float s1 = static_cast<float>(a.rho / (n1 + eps));
-      dispatch_dtype(a.dtype, [&](auto tag) {
+      dispatch_float_dtype(a.dtype, "sparsefl", [&](auto tag) {
         block_apply<decltype(tag)>(a, blocks[b], feta, s1, s2, perturb);
       });
     }

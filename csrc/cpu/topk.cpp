@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "dtype.h"
+
 #include <array>
 #include <cstdint>
 #include <cstring>
@@ -60,20 +62,10 @@ struct Block {
   int64_t len;
 };
 
-template <typename Fn>
-void with_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "sparsefl.topk: unsupported dtype ", t);
-  }
-}
-
 // Calls fn(key, flat_index_within_part) for every element of a block.
 template <typename Fn>
 void for_each_key(const Part& p, const Block& b, Fn&& fn) {
-  with_dtype(p.dtype, [&](auto tag) {
+  dispatch_float_dtype(p.dtype, "sparsefl.topk", [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(p.data) + b.begin;
     for (int64_t i = 0; i < b.len; ++i) fn(key_of(static_cast<float>(x[i])), b.begin + i);
@@ -125,7 +117,7 @@ std::vector<int64_t> histogram(const std::vector<Part>& parts, const std::vector
     for (int64_t bi = lo; bi < hi; ++bi) {
       const Block& b = blocks[bi];
       const Part& p = parts[b.part];
-      with_dtype(p.dtype, [&](auto tag) {
+      dispatch_float_dtype(p.dtype, "sparsefl.topk", [&](auto tag) {
         using T = decltype(tag);
         m = std::max(m, hist_block(static_cast<const T*>(p.data) + b.begin, b.len, h.data(),
                                    shift, mask, prefix, prefix_shift));
@@ -183,7 +175,7 @@ Selection scan_blocks(const std::vector<Part>& parts, const std::vector<Block>& 
         const Part& p = parts[b.part];
         const uint32_t key = t.key;
         int64_t g = 0, e = 0;
-        with_dtype(p.dtype, [&](auto tag) {
+        dispatch_float_dtype(p.dtype, "sparsefl.topk", [&](auto tag) {
           using T = decltype(tag);
           const T* x = static_cast<const T*>(p.data) + b.begin;
           for (int64_t i = 0; i < b.len; ++i) {
@@ -279,7 +271,7 @@ std::vector<at::Tensor> topk_mask_cpu(at::TensorList xs, int64_t k) {
       const bool no_ties = ties >= t.need_eq || eq_here == 0;
       if (all_ties || no_ties) {
         const uint32_t key = t.key;
-        with_dtype(prep.parts[b.part].dtype, [&](auto tag) {
+        dispatch_float_dtype(prep.parts[b.part].dtype, "sparsefl.topk", [&](auto tag) {
           using T = decltype(tag);
           const T* x = static_cast<const T*>(prep.parts[b.part].data) + b.begin;
           if (all_ties)
@@ -347,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(at::TensorList xs, at::Tens
       const Part& p = prep.parts[b.part];
       int64_t ties = s.eq_before[bi];
       int64_t out = s.kept_before[bi];
-      with_dtype(p.dtype, [&](auto tag) {
+      dispatch_float_dtype(p.dtype, "sparsefl.topk", [&](auto tag) {
         using T = decltype(tag);
         T* x = static_cast<T*>(p.data);
         T* v = static_cast<T*>(vp);
