@@ -94,6 +94,14 @@ def loss_of(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def sam_step(model, opt, x, y):
+    """One SAM step the davda54 way: backward, first_step, backward, second_step."""
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+
+
 def assert_models_close(a, b, rtol=1e-5):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=rtol, atol=1e-6, msg=name)
@@ -109,10 +117,7 @@ def test_sam_matches_davda54_algorithm_over_20_steps(backend, adaptive, rho, res
     ref = EagerSAM([theirs.parameters()], torch.optim.SGD, rho, adaptive, lr=0.05, momentum=0.9,
                    weight_decay=5e-4)
     for x, y in batches():
-        loss_of(ours, x, y).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(ours, x, y).backward()
-        opt.second_step(zero_grad=True)
+        sam_step(ours, opt, x, y)
         loss_of(theirs, x, y).backward()
         ref.first_step()
         loss_of(theirs, x, y).backward()
@@ -148,10 +153,7 @@ def test_step_with_closure_equals_first_and_second_step():
     opt_a = SAM(a.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     for x, y in batches(5):
-        loss_of(a, x, y).backward()
-        opt_a.first_step(zero_grad=True)
-        loss_of(a, x, y).backward()
-        opt_a.second_step(zero_grad=True)
+        sam_step(a, opt_a, x, y)
         loss_of(b, x, y).backward()
         opt_b.step(lambda x=x, y=y: loss_of(b, x, y).backward())
         opt_b.zero_grad()
@@ -175,10 +177,7 @@ def test_param_groups_with_own_rho_and_params_without_grad():
     ref.groups[0]["rho"] = 0.2
     frozen = ours[0].bias.clone()
     for x, y in batches(10):
-        loss_of(ours, x, y).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(ours, x, y).backward()
-        opt.second_step(zero_grad=True)
+        sam_step(ours, opt, x, y)
         loss_of(theirs, x, y).backward()
         ref.first_step()
         loss_of(theirs, x, y).backward()
@@ -192,10 +191,7 @@ def test_state_dict_round_trip_resumes_exactly():
 
     def train(model, opt, part):
         for x, y in part:
-            loss_of(model, x, y).backward()
-            opt.first_step(zero_grad=True)
-            loss_of(model, x, y).backward()
-            opt.second_step(zero_grad=True)
+            sam_step(model, opt, x, y)
 
     full = small_cnn()
     opt_full = SAM(full.parameters(), torch.optim.SGD, rho=0.1, adaptive=True, lr=0.05,
@@ -267,10 +263,7 @@ def test_grad_scaler_recipe_matches_unscaled_training():
     opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, check_finite=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for x, y in batches(5):
-        loss_of(a, x, y).backward()
-        opt_a.first_step(zero_grad=True)
-        loss_of(a, x, y).backward()
-        opt_a.second_step(zero_grad=True)
+        sam_step(a, opt_a, x, y)
         scaler.scale(loss_of(b, x, y)).backward()
         opt_b.first_step(zero_grad=True)
         scaler.scale(loss_of(b, x, y)).backward()
