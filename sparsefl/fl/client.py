@@ -1,0 +1,106 @@
+"""Local training on one client: E epochs with sgd | sam | asam | agnostic_sam.
+
+The optimizer is built fresh each round (no state crosses rounds, as in FedAvg).  The
+minibatch order comes from `gen`, seeded per (run seed, round, client), so a resumed
+run draws exactly the same batches.  Phase times: "sam" is the time inside the SAM
+family's ascent and descent calls (perturb, exact restore and the base step); the rest
+of the loop is "compute".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sparsefl.fl.config import ClientSection
+from sparsefl.fl.timers import Timers
+from sparsefl.optim import ASAM, SAM, AgnosticSAM
+
+
+def _batches(n: int, batch: int, gen: torch.Generator):
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch):
+        yield perm[i:i + batch]
+
+
+def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: float,
+                gen: torch.Generator, timers: Timers | None = None,
+                after_step: Callable[[], None] | None = None) -> float:
+    """Train `model` in place on (x, y); returns the mean training loss."""
+    timers = timers or Timers()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    kind = cfg.optimizer
+    if kind == "sgd":
+        opt = torch.optim.SGD(params, **sgd)
+    elif kind == "sam":
+        opt = SAM(params, torch.optim.SGD, rho=cfg.rho, **sgd)
+    elif kind == "asam":
+        base = torch.optim.SGD(params, **sgd)
+        opt = ASAM(base, model, rho=cfg.rho, eta=cfg.eta)
+    elif kind == "agnostic_sam":
+        opt = AgnosticSAM(params, torch.optim.SGD, rho=cfg.rho, rho2=cfg.rho2, **sgd)
+    else:
+        raise ValueError(f"client.optimizer: unknown {kind!r}")
+
+    n = len(y)
+    if kind == "agnostic_sam":  # a seeded train/validation split of the local data
+        perm = torch.randperm(n, generator=gen)
+        n_val = max(1, int(round(cfg.val_fraction * n))) if n > 1 else 0
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        if len(tr_idx) == 0 or len(val_idx) == 0:
+            tr_idx = val_idx = perm
+        xv, yv, x, y, n = x[val_idx], y[val_idx], x[tr_idx], y[tr_idx], len(tr_idx)
+        val_order = iter(())
+
+    model.train()
+    total, steps = 0.0, 0
+    t_start, sam_time = time.perf_counter(), 0.0
+    for _ in range(cfg.epochs):
+        for b in _batches(n, cfg.batch_size, gen):
+            xb, yb = x[b], y[b]
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if kind == "sgd":
+                opt.step()
+                opt.zero_grad()
+            elif kind == "agnostic_sam":
+                opt.save_train_grad()
+                vb = next(val_order, None)
+                if vb is None:
+                    val_order = iter(list(_batches(len(yv), cfg.batch_size, gen)))
+                    vb = next(val_order)
+                F.cross_entropy(model(xv[vb]), yv[vb]).backward()
+                t0 = time.perf_counter()
+                opt.first_step(zero_grad=True)
+                sam_time += time.perf_counter() - t0
+                (F.cross_entropy(model(xb), yb) + F.cross_entropy(model(xv[vb]), yv[vb])
+                 ).backward()
+                t0 = time.perf_counter()
+                opt.second_step(zero_grad=True)
+                sam_time += time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                if kind == "sam":
+                    opt.first_step(zero_grad=True)
+                else:
+                    opt.ascent_step()
+                sam_time += time.perf_counter() - t0
+                F.cross_entropy(model(xb), yb).backward()
+                t0 = time.perf_counter()
+                if kind == "sam":
+                    opt.second_step(zero_grad=True)
+                else:
+                    opt.descent_step()
+                sam_time += time.perf_counter() - t0
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach())
+            steps += 1
+    timers.add("sam", sam_time)
+    timers.add("compute", time.perf_counter() - t_start - sam_time)
+    return total / max(steps, 1)

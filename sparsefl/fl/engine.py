@@ -1,0 +1,328 @@
+"""The in-process simulator: one federated round after another.
+
+A round t (1-based):
+  1. sample K clients (seeded by (seed, t));
+  2. downlink: the global model is encoded once (prunable tensors as their non-zeros)
+     and decoded into the worker model; bytes_down = K * len(payload);
+  3. each client: load, `sparsifier.begin_client`, local training, `sparsifier.select`
+     (global top-k through sparsefl.ops), encode (uplink bytes counted as sent);
+  4. server: decode every payload (validated), `ops.sparse_aggregate` with weights
+     n_k / sum(n) into the clients' mean, the server optimizer, the sparsifier's server
+     hook (FLASH's mask), SWA collection at cycle ends;
+  5. metrics, then a checkpoint of everything a resume needs.
+
+Nothing random is drawn from global RNG state: model init, partition, client sampling
+and every client's batch order derive from the run seed, so a resumed run replays the
+remaining rounds bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparsefl import data as fldata
+from sparsefl import models, ops
+from sparsefl.fl import checkpoint, sparsifiers, wire
+from sparsefl.fl import config as flconfig
+from sparsefl.fl.client import local_train
+from sparsefl.fl.evaluate import evaluate, has_batchnorm, recompute_bn, regrowth
+from sparsefl.fl.layout import Layout
+from sparsefl.fl.personalize import personalized
+from sparsefl.fl.server import ServerOptimizer
+from sparsefl.fl.swa import SWA, client_lr, cycle_end
+from sparsefl.fl.timers import Timers
+from sparsefl.nn import layer_sparsity
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class ClientUpdate:
+    client: int
+    payload: bytes  # what travels up: sparsefl.codec bytes
+    num_examples: int
+    train_loss: float
+    selection: dict[str, Tensor] | None
+    activated: int
+    deactivated: int
+
+
+@dataclass
+class History:
+    config: flconfig.Config
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+
+
+class Simulation:
+    def __init__(self, cfg: flconfig.Config, dataset: fldata.Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.data = dataset or fldata.load(cfg.data.name, cfg.data.dir or None)
+        self.clients = fldata.partition(
+            self.data.train_y, cfg.data.clients, cfg.data.partition, alpha=cfg.data.alpha,
+            shards_per_client=cfg.data.shards_per_client,
+            test_fraction=cfg.data.test_fraction, seed=derive_seed(cfg.run.seed, 1))
+        self.sparsifier = sparsifiers.build(cfg.sparsity)
+        torch.manual_seed(derive_seed(cfg.run.seed, 2))
+        kwargs: dict[str, Any] = {}
+        if cfg.model.name == "mlp":
+            kwargs["hidden"] = cfg.model.hidden
+        elif cfg.model.name == "resnet18":
+            kwargs["width"] = cfg.model.width
+        model = models.build(cfg.model.name, self.data.input_shape, self.data.num_classes,
+                             **kwargs)
+        self.model = self.sparsifier.setup_model(model)
+        frozen: set[str] = set()
+        if cfg.personalization.method == "fedbabu":  # the head stays at its random init
+            head_name, head = models.head(self.model)
+            for pname, p in head.named_parameters():
+                p.requires_grad_(False)
+                frozen.add(f"{head_name}.{pname}")
+        self.layout = Layout(self.model, frozen)
+        self.global_flat = self.layout.flatten(self.model)
+        self.server = ServerOptimizer(cfg.server, self.layout.numel)
+        self.swa = SWA(self.layout.numel) if cfg.swa.enabled else None
+        self.buffer_mask = self.layout.mask(buffer=True)
+        self.round = 0
+
+    # ------------------------------------------------------------------ state ----------
+    def state(self) -> dict[str, Tensor]:
+        out = {"global": self.global_flat}
+        out.update(self.server.state())
+        out.update(self.sparsifier.state())
+        if self.swa is not None:
+            out.update(self.swa.state())
+        return out
+
+    def load_state(self, rnd: int, tensors: dict[str, Tensor]) -> None:
+        if tensors["global"].numel() != self.layout.numel:
+            raise ValueError("checkpoint does not match this config's model")
+        self.global_flat = tensors["global"].clone()
+        self.server.load_state(tensors)
+        self.sparsifier.load_state(tensors)
+        if self.swa is not None:
+            self.swa.load_state(tensors)
+        self.round = rnd
+
+    # ------------------------------------------------------------------ a round --------
+    def sample(self, rnd: int) -> list[int]:
+        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, 3, rnd))
+        k = self.cfg.server.clients_per_round
+        return sorted(rng.choice(self.cfg.data.clients, size=k, replace=False).tolist())
+
+    def _client_xy(self, cid: int) -> tuple[Tensor, Tensor]:
+        idx = torch.from_numpy(self.clients[cid].train)
+        return self.data.train_x[idx], self.data.train_y[idx]
+
+    def client_update(self, cid: int, rnd: int, received: Tensor,
+                      down_ref: list[Tensor | None], lr: float,
+                      timers: Timers | None = None) -> ClientUpdate | None:
+        """One client's round: load the received model, train, select, encode."""
+        cfg, layout, timers = self.cfg, self.layout, timers or Timers()
+        x, y = self._client_xy(cid)
+        if len(y) == 0:
+            return None
+        layout.load(self.model, received)
+        self.sparsifier.begin_client(self.model, rnd)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
+        loss = local_train(self.model, x, y, cfg.client, lr, gen, timers,
+                           lambda: self.sparsifier.after_step(self.model))
+        with timers("prune"):
+            flat = layout.flatten(self.model)
+            sel = self.sparsifier.select(layout, flat, rnd)
+            chunks = wire.chunks_from_flat(layout, flat, sel)
+        with timers("encode"):
+            payload = wire.encode(chunks, reference=down_ref)
+        activated = deactivated = 0
+        for e, c in zip(layout.entries, chunks):
+            if e.prunable:
+                a, d = regrowth(received[e.offset:e.offset + e.numel], c.indices)
+                activated, deactivated = activated + a, deactivated + d
+        return ClientUpdate(cid, payload, len(y), loss, sel, activated, deactivated)
+
+    def step(self) -> dict[str, Any]:
+        cfg, layout, timers = self.cfg, self.layout, Timers()
+        rnd = self.round + 1
+        t_round = time.perf_counter()
+        chosen = self.sample(rnd)
+        lr = client_lr(cfg, rnd)
+
+        with timers("encode"):
+            down_ref = wire.supports(layout, self.global_flat)
+            down = wire.encode(wire.chunks_from_flat(layout, self.global_flat))
+        with timers("decode"):
+            received = wire.to_flat(layout, wire.decode(layout, down))
+
+        payloads, weights, selections = [], [], []
+        activated = deactivated = 0
+        losses = []
+        for cid in chosen:
+            up = self.client_update(cid, rnd, received, down_ref, lr, timers)
+            if up is None:
+                continue
+            payloads.append(up.payload)
+            weights.append(up.num_examples)
+            losses.append(up.train_loss)
+            if up.selection is not None:
+                selections.append(up.selection)
+            activated, deactivated = activated + up.activated, deactivated + up.deactivated
+
+        with timers("decode"):
+            pairs = [wire.to_flat_pair(layout, wire.decode(layout, p, reference=down_ref))
+                     for p in payloads]
+        with timers("aggregate"):
+            total = float(sum(weights))
+            mean = ops.sparse_aggregate(pairs, [w / total for w in weights],
+                                        numel=layout.numel)
+            new = self.server.step(self.global_flat, mean, self.buffer_mask)
+            new = self.sparsifier.after_aggregate(layout, new, selections, rnd)
+        prunable = layout.mask(prunable=True)
+        old_nz, new_nz = self.global_flat[prunable] != 0, new[prunable] != 0
+        self.global_flat = new
+        self.round = rnd
+        if self.swa is not None and cycle_end(cfg, rnd):
+            self.swa.collect(new)
+
+        rec: dict[str, Any] = {
+            "round": rnd, "lr": lr, "clients": chosen, "train_loss": float(np.mean(losses)),
+            "bytes_up": sum(len(p) for p in payloads), "bytes_down": len(down) * len(payloads),
+            "dense_bytes": 4 * layout.numel * len(payloads),
+            "activated": activated / max(len(payloads), 1),
+            "deactivated": deactivated / max(len(payloads), 1),
+            "mask_growth": int((new_nz & ~old_nz).sum()),
+        }
+        last = rnd == cfg.run.rounds
+        if rnd % cfg.run.eval_every == 0 or last:
+            with timers("eval"):
+                rec.update(self.evaluate())
+        p_every = cfg.personalization.every
+        if cfg.personalization.method != "none" and (last or (p_every and rnd % p_every == 0)):
+            with timers("personalize"):
+                layout.load(self.model, self.global_flat)
+                rec["personalized"] = personalized(
+                    self.model, self.data.train_x, self.data.train_y, self.clients,
+                    cfg.personalization, derive_seed(cfg.run.seed, 5, rnd))
+        rec["time"] = timers.as_dict()
+        rec["wall"] = time.perf_counter() - t_round
+        return rec
+
+    def evaluate(self) -> dict[str, Any]:
+        self.layout.load(self.model, self.global_flat)
+        acc, loss = evaluate(self.model, self.data.test_x, self.data.test_y)
+        sp = layer_sparsity(self.model)
+        n = self.layout.prunable_numel
+        zeros = sum(s * e.numel for e, s in zip(self.layout.prunable_entries(), sp.values()))
+        rec: dict[str, Any] = {"acc": acc, "loss": loss, "sparsity": zeros / n if n else 0.0,
+                               "layer_sparsity": sp}
+        avg = self.swa.average() if self.swa is not None else None
+        if avg is not None:
+            self.layout.load(self.model, avg)
+            if has_batchnorm(self.model):
+                recompute_bn(self.model, self.data.train_x[:4096])
+            rec["swa_acc"], rec["swa_loss"] = evaluate(self.model, self.data.test_x,
+                                                       self.data.test_y)
+            self.layout.load(self.model, self.global_flat)
+        return rec
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["round"] <= upto]
+
+
+def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool = False,
+        progress: bool = True, dataset: fldata.Dataset | None = None,
+        stop_after: int | None = None) -> History:
+    """Run (or resume) a simulation; with run_dir, writes config.toml, metrics.jsonl and
+    a checkpoint per round.  `stop_after` ends early after that round (tests, crashes)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    sim = Simulation(cfg, dataset)
+    history = History(cfg)
+    out = Path(run_dir) if run_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        history.run_dir = out
+        metrics_path = out / "metrics.jsonl"
+        if resume:
+            found = checkpoint.latest(out)
+            if found is not None:
+                rnd, tensors, _ = found
+                sim.load_state(rnd, tensors)
+            history.rounds = _read_metrics(metrics_path, sim.round)
+        elif (out / "metrics.jsonl").exists():
+            raise FileExistsError(f"{out} already holds a run; use --resume or a new directory")
+        checkpoint.atomic_write(out / "config.toml", flconfig.dumps(cfg).encode())
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history.rounds))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.run.rounds, initial=sim.round, desc=cfg.run.name, unit="round",
+                   dynamic_ncols=True)
+    try:
+        while sim.round < cfg.run.rounds:
+            rec = sim.step()
+            history.rounds.append(rec)
+            if out is not None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                checkpoint.save(out, sim.round, sim.state(), {"config": flconfig.to_dict(cfg)},
+                                keep=cfg.run.keep_checkpoints)
+            if bar is not None:
+                bar.update(1)
+                if "acc" in rec:
+                    bar.set_postfix(acc=f"{rec['acc']:.3f}", sparsity=f"{rec['sparsity']:.3f}",
+                                    up_MB=f"{rec['bytes_up'] / 1e6:.2f}")
+            if stop_after is not None and sim.round >= stop_after:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    history.final = summarize(history.rounds)
+    history.global_flat = sim.global_flat  # type: ignore[attr-defined]
+    history.simulation = sim  # type: ignore[attr-defined]
+    return history
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rounds:
+        return {}
+    evals = [r for r in rounds if "acc" in r]
+    last = evals[-1] if evals else {}
+    tail = evals[-max(1, math.ceil(len(evals) / 10)):]  # mean over the last 10% of evals
+    times: dict[str, float] = {}
+    for r in rounds:
+        for k, v in r["time"].items():
+            times[k] = times.get(k, 0.0) + v
+    out = {
+        "rounds": rounds[-1]["round"],
+        "acc": last.get("acc"), "acc_tail_mean": float(np.mean([r["acc"] for r in tail]))
+        if tail else None,
+        "best_acc": max((r["acc"] for r in evals), default=None),
+        "sparsity": last.get("sparsity"),
+        "bytes_up": sum(r["bytes_up"] for r in rounds),
+        "bytes_down": sum(r["bytes_down"] for r in rounds),
+        "dense_bytes": sum(r["dense_bytes"] for r in rounds),
+        "wall": sum(r["wall"] for r in rounds), "time": times,
+    }
+    if "swa_acc" in last:
+        out["swa_acc"] = last["swa_acc"]
+    pers = [r["personalized"] for r in rounds if "personalized" in r]
+    if pers:
+        out["personalized"] = pers[-1]
+    return out

@@ -1,0 +1,66 @@
+"""Model state <-> payload bytes through `sparsefl.codec`.
+
+A payload holds one chunk per layout entry, in layout order.  Prunable entries carry
+only their non-zero (downlink) or selected top-k (uplink) positions; the rest are dense.
+Bytes counted by the engine are `len()` of what `encode` returns: nothing is estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from sparsefl import codec
+from sparsefl.fl.layout import Layout
+
+
+def chunks_from_flat(layout: Layout, flat: Tensor,
+                     selected: dict[str, Tensor] | None = None) -> list[codec.SparseChunk]:
+    """One chunk per entry: `selected[name]` (ascending local indices) where given, the
+    non-zeros for other prunable entries, everything for dense ones."""
+    out = []
+    for e in layout.entries:
+        piece = flat[e.offset:e.offset + e.numel]
+        if selected is not None and e.name in selected:
+            idx = selected[e.name]
+        elif e.prunable:
+            idx = piece.nonzero().flatten()
+        else:
+            idx = torch.arange(e.numel)
+        out.append(codec.SparseChunk(e.numel, idx, piece[idx]))
+    return out
+
+
+def supports(layout: Layout, flat: Tensor) -> list[Tensor | None]:
+    """Non-zero positions of each prunable entry (the reference both sides know)."""
+    return [flat[e.offset:e.offset + e.numel].nonzero().flatten() if e.prunable else None
+            for e in layout.entries]
+
+
+def encode(chunks: Sequence[codec.SparseChunk],
+           reference: Sequence[Tensor | None] | None = None) -> bytes:
+    return codec.encode(chunks, torch.float32, reference=reference)
+
+
+def decode(layout: Layout, data: bytes,
+           reference: Sequence[Tensor | None] | None = None) -> list[codec.SparseChunk]:
+    chunks = codec.decode(data, reference=reference)
+    if len(chunks) != len(layout.entries) or any(
+            c.numel != e.numel for c, e in zip(chunks, layout.entries)):
+        raise codec.PayloadError("payload does not match the model layout "
+                                 f"({len(chunks)} tensors, expected {len(layout.entries)})")
+    return chunks
+
+
+def to_flat_pair(layout: Layout, chunks: Sequence[codec.SparseChunk]) -> tuple[Tensor, Tensor]:
+    """(indices, values) over the flat space, ascending, for sparse_aggregate."""
+    idx = [c.indices.to(torch.int64) + e.offset for c, e in zip(chunks, layout.entries)]
+    val = [c.values.float() for c in chunks]
+    return torch.cat(idx), torch.cat(val)
+
+
+def to_flat(layout: Layout, chunks: Sequence[codec.SparseChunk]) -> Tensor:
+    idx, val = to_flat_pair(layout, chunks)
+    return torch.zeros(layout.numel).index_copy_(0, idx, val)

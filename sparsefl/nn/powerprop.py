@@ -1,0 +1,172 @@
+"""Powerpropagation layers (Schwarz et al. 2021) with SparsyFed's activation pruning.
+
+A layer stores omega and computes with theta = sign(omega) * |omega|^beta.  The chain rule
+gives dL/domega = dL/dtheta * beta * |omega|^(beta-1), which is exactly 0 at omega = 0 when
+beta > 1: a pruned weight receives no gradient and cannot regrow during local training,
+and large weights grow faster than small ones ("rich get richer").
+
+Activation pruning (SparsyFed): in training, the input saved for the weight gradient keeps
+only its top-`act_density` fraction by magnitude over the whole batch tensor, and is
+stored compressed (indices + values from `sparsefl.ops.topk_compress`), so the memory
+saving is real.  dL/dx is computed from theta and stays dense; evaluation never prunes.
+`act_density` is a plain float set once per round (`set_activation_density`), so the
+forward pass never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from sparsefl import ops
+
+
+def _abs_pow(mag: Tensor, e: float) -> Tensor:
+    """mag ** e, with the common exponents done by square roots (pow is exp(e*log x),
+    several times slower on CPU)."""
+    if e == 0.25:
+        return mag.sqrt().sqrt_()
+    if e == 0.5:
+        return mag.sqrt()
+    if e == 1.0:
+        return mag
+    if e == 2.0:
+        return mag * mag
+    return mag.pow(e)
+
+
+class _Powerprop(torch.autograd.Function):
+    # theta = omega * |omega|^(beta-1) and dtheta/domega = beta * |omega|^(beta-1): one
+    # power serves both passes, and both are exactly 0 at omega = 0 for beta > 1.
+    @staticmethod
+    def forward(ctx, omega: Tensor, beta: float) -> Tensor:
+        t = _abs_pow(omega.abs(), beta - 1.0)
+        ctx.save_for_backward(t)
+        ctx.beta = beta
+        return omega * t
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (t,) = ctx.saved_tensors
+        return grad * t * ctx.beta, None
+
+
+def powerprop(omega: Tensor, beta: float) -> Tensor:
+    """theta = sign(omega)|omega|^beta (identity for beta == 1)."""
+    return omega if beta == 1.0 else _Powerprop.apply(omega, beta)
+
+
+def to_omega(theta: Tensor, beta: float) -> Tensor:
+    """Inverse map, used at init so that theta keeps the initialiser's scale."""
+    return theta.sign() * theta.abs().pow(1.0 / beta)
+
+
+def _save_pruned(ctx, x: Tensor, density: float) -> None:
+    idx, val = ops.topk_compress(x.detach(), density)
+    ctx.save_for_backward(idx, val)
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+
+
+def _pruned_input(ctx, idx: Tensor, val: Tensor) -> Tensor:
+    flat = torch.zeros(ctx.x_shape.numel(), dtype=ctx.x_dtype, device=val.device)
+    return flat.index_copy_(0, idx, val).view(ctx.x_shape)
+
+
+class _PrunedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, density: float) -> Tensor:
+        _save_pruned(ctx, x, density)
+        ctx.w, ctx.has_bias = w.detach(), b is not None
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        idx, val = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul(ctx.w)
+        if ctx.needs_input_grad[1]:
+            xp = _pruned_input(ctx, idx, val)
+            gw = gy.reshape(-1, gy.shape[-1]).t().matmul(xp.reshape(-1, xp.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0)
+        return gx, gw, gb, None
+
+
+class _PrunedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, density: float, stride,
+                padding, dilation, groups) -> Tensor:
+        _save_pruned(ctx, x, density)
+        ctx.w, ctx.has_bias = w.detach(), b is not None
+        ctx.conf = (stride, padding, dilation, groups)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        idx, val = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, ctx.w, gy, *ctx.conf)
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(_pruned_input(ctx, idx, val), ctx.w.shape, gy,
+                                             *ctx.conf)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None, None, None, None, None
+
+
+class PowerpropLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 beta: float = 1.25, **kw) -> None:
+        if not beta >= 1.0:
+            raise ValueError(f"powerprop beta must be >= 1, got {beta}")
+        self.beta = float(beta)
+        self.act_density = 1.0
+        super().__init__(in_features, out_features, bias, **kw)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.copy_(to_omega(self.weight, self.beta))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = powerprop(self.weight, self.beta)
+        if self.training and self.act_density < 1.0 and torch.is_grad_enabled():
+            return _PrunedLinear.apply(x, w, self.bias, self.act_density)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+
+class PowerpropConv2d(nn.Conv2d):
+    def __init__(self, *args, beta: float = 1.25, **kw) -> None:
+        if not beta >= 1.0:
+            raise ValueError(f"powerprop beta must be >= 1, got {beta}")
+        self.beta = float(beta)
+        self.act_density = 1.0
+        super().__init__(*args, **kw)
+        if self.padding_mode != "zeros":
+            raise ValueError("PowerpropConv2d supports padding_mode='zeros' only")
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():
+            self.weight.copy_(to_omega(self.weight, self.beta))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = powerprop(self.weight, self.beta)
+        if self.training and self.act_density < 1.0 and torch.is_grad_enabled():
+            if isinstance(self.padding, str):
+                raise ValueError("activation pruning needs numeric padding")
+            return _PrunedConv2d.apply(x, w, self.bias, self.act_density, self.stride,
+                                       self.padding, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+
+POWERPROP = (PowerpropLinear, PowerpropConv2d)
