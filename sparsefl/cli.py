@@ -2,6 +2,7 @@
 
     sparsefl run [CONFIG.toml] [--set section.key=value ...] [--out DIR] [--resume RUN_DIR]
     sparsefl plot RUN_DIR
+    sparsefl analyze RUN_DIR
     sparsefl info
     sparsefl bench sam|topk|aggregate|codec|all
 """
@@ -99,6 +100,20 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsefl.analysis.runs import analyze_run
+
+    try:
+        out = analyze_run(args.run_dir, examples=args.examples, samples=args.samples)
+    except FileNotFoundError as e:
+        print(f"sparsefl analyze: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparsefl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="write accuracy/sparsity/bytes PNGs of a run")
     plot.add_argument("run_dir")
     plot.set_defaults(func=_plot)
+    analyze = sub.add_parser("analyze", help="Hessian top eigenvalue and trace of a run's "
+                             "global (and SWA) model -> RUN_DIR/analysis.json")
+    analyze.add_argument("run_dir")
+    analyze.add_argument("--examples", type=int, default=1000,
+                         help="training examples in the fixed subset (default 1000)")
+    analyze.add_argument("--samples", type=int, default=20,
+                         help="Hutchinson samples for the trace (default 20)")
+    analyze.set_defaults(func=_analyze)
     sub.add_parser("info", help="which kernels and backends this install has").set_defaults(
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")

@@ -61,3 +61,13 @@ def test_checkpoints_are_verified_and_pruned(tmp_path):
     with pytest.raises(ValueError, match="hash"):
         checkpoint.latest(tmp_path)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_analyze_adds_flatness_to_a_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY, "--set", "swa.enabled=true", "--set", "swa.start=1",
+                     "--set", "swa.cycle=1", "--out", str(out), "--quiet", "--no-plot"]) == 0
+    assert cli.main(["analyze", str(out), "--examples", "100", "--samples", "2"]) == 0
+    res = json.loads((out / "analysis.json").read_text())
+    assert res["round"] == 2 and res["global"]["top_eigenvalue"] > 0 and "swa" in res
+    assert cli.main(["analyze", str(tmp_path / "none")]) == 2
