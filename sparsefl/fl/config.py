@@ -104,6 +104,13 @@ class PersonalizationSection:
 
 
 @dataclass
+class DecentralizedSection:
+    strategy: str = "none"  # none: federated rounds; else one iteration per "round"
+    topology: str = "ring"
+    edge_prob: float = 0.3  # erdos_renyi only
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -113,6 +120,7 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     swa: SWASection = field(default_factory=SWASection)
     personalization: PersonalizationSection = field(default_factory=PersonalizationSection)
+    decentralized: DecentralizedSection = field(default_factory=DecentralizedSection)
 
     @property
     def swa_start(self) -> int:
@@ -129,12 +137,14 @@ CHOICES = {
     "sparsity.scope": ("global", "layer"),
     "server.optimizer": ("fedavg", "fedavgm", "fedadam"),
     "personalization.method": ("none", "finetune", "fedbabu"),
+    "decentralized.strategy": ("none", "diffusion", "consensus", "centralized"),
+    "decentralized.topology": ("ring", "grid", "erdos_renyi", "complete"),
 }
 POSITIVE = {"run.rounds", "run.eval_every", "run.keep_checkpoints", "data.alpha",
             "data.shards_per_client", "data.clients", "model.width", "client.lr",
             "client.epochs", "client.batch_size", "server.lr", "server.tau", "server.beta2",
             "server.clients_per_round", "swa.cycle", "swa.lr", "personalization.lr",
-            "personalization.batch_size"}
+            "personalization.batch_size", "decentralized.edge_prob"}
 NON_NEGATIVE = {"run.seed", "run.threads", "client.lr_end", "client.momentum",
                 "client.weight_decay", "client.rho", "client.eta", "client.rho2",
                 "server.momentum", "server.beta1", "swa.start", "personalization.epochs",
@@ -183,7 +193,7 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{key}: must be >= 0, got {value!r}")
             if key in UNIT and not 0 <= value < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
-    if cfg.server.clients_per_round > cfg.data.clients:
+    if cfg.decentralized.strategy == "none" and cfg.server.clients_per_round > cfg.data.clients:
         raise ConfigError(f"server.clients_per_round: {cfg.server.clients_per_round} is more "
                           f"than data.clients = {cfg.data.clients}")
     if cfg.sparsity.method == "sparsyfed" and not cfg.sparsity.beta > 1:

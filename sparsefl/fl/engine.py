@@ -251,7 +251,12 @@ def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool
     a checkpoint per round.  `stop_after` ends early after that round (tests, crashes)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    sim = Simulation(cfg, dataset)
+    if cfg.decentralized.strategy != "none":
+        from sparsefl.fl.decentralized import DecentralizedSimulation
+
+        sim: Any = DecentralizedSimulation(cfg, dataset)
+    else:
+        sim = Simulation(cfg, dataset)
     history = History(cfg)
     out = Path(run_dir) if run_dir is not None else None
     if out is not None:

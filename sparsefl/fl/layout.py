@@ -55,6 +55,16 @@ class Layout:
         for e in self.entries:
             state[e.name].copy_(flat[e.offset:e.offset + e.numel].view(e.shape))
 
+    def grad_flat(self, model: nn.Module) -> Tensor:
+        """Parameter gradients in the flat space (0 for buffers and missing grads)."""
+        params = dict(model.named_parameters())
+        out = torch.zeros(self.numel)
+        for e in self.entries:
+            p = params.get(e.name)
+            if p is not None and p.grad is not None:
+                out[e.offset:e.offset + e.numel] = p.grad.detach().reshape(-1).float().cpu()
+        return out
+
     def mask(self, *, prunable: bool | None = None, buffer: bool | None = None) -> Tensor:
         """Boolean over the flat space selecting entries of the given kind."""
         m = torch.zeros(self.numel, dtype=torch.bool)
