@@ -125,3 +125,14 @@ def test_cifar10_binary(tmp_path):
 def test_fashion_mnist_found_in_debian_location():
     d = data.load("fashion-mnist")
     assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+
+
+def test_subset_and_symmetric_label_noise():
+    d = data.load("digits")
+    assert data.subset(d) is d
+    s = data.subset(d, fraction=0.1, seed=3)
+    assert len(s.train_y) == round(0.1 * len(d.train_y)) and torch.equal(s.test_y, d.test_y)
+    n = data.subset(d, label_noise=0.4, seed=3)
+    flipped = (n.train_y != d.train_y).float().mean()
+    assert 0.33 < float(flipped) < 0.47  # every drawn flip changes the class
+    assert torch.equal(data.subset(d, label_noise=0.4, seed=3).train_y, n.train_y)

@@ -105,3 +105,20 @@ def test_decentralized_run_counts_bytes_and_resumes_bit_identically(tmp_path):
     with pytest.raises(fl.ConfigError, match="decentralized"):
         decentralized.DecentralizedSimulation(
             fl.load(None, ["decentralized.strategy=diffusion", "sparsity.method=topk"]), DIGITS)
+
+
+@pytest.mark.parametrize("strategy", ["diffusion", "consensus"])
+def test_multi_process_mode_gives_the_in_process_iterates(tmp_path, strategy):
+    from sparsefl.fl.distributed import run_distributed
+
+    cfg = _cfg(strategy, "ring", agents=3, rounds=5)
+    sim = decentralized.DecentralizedSimulation(cfg, DIGITS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each agent process runs: same matmul reduction order
+    try:
+        for _ in range(5):
+            sim.step()
+    finally:
+        torch.set_num_threads(threads)
+    w = run_distributed(cfg, tmp_path)
+    assert torch.equal(w, sim.w)

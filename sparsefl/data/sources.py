@@ -40,6 +40,25 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
 
+def subset(ds: Dataset, fraction: float = 1.0, label_noise: float = 0.0,
+           seed: int = 0) -> Dataset:
+    """A seeded fraction of the training set, with symmetric label noise: each kept
+    training label is, with probability `label_noise`, replaced by a uniformly drawn
+    *different* class.  The test set is untouched."""
+    if fraction >= 1.0 and label_noise <= 0.0:
+        return ds
+    gen = torch.Generator().manual_seed(seed)
+    x, y = ds.train_x, ds.train_y
+    if fraction < 1.0:
+        keep = torch.randperm(len(y), generator=gen)[:max(1, int(round(fraction * len(y))))]
+        x, y = x[keep.sort().values], y[keep.sort().values]
+    if label_noise > 0.0:
+        flip = torch.rand(len(y), generator=gen) < label_noise
+        shift = torch.randint(1, ds.num_classes, (len(y),), generator=gen)
+        y = torch.where(flip, (y + shift) % ds.num_classes, y)
+    return Dataset(ds.name, x, y, ds.test_x, ds.test_y, ds.num_classes)
+
+
 def load(name: str, data_dir: str | Path | None = None) -> Dataset:
     """Load a dataset by name; `data_dir` holds the files (not needed for digits)."""
     if name == "digits":

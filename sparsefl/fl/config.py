@@ -40,6 +40,8 @@ class DataSection:
     shards_per_client: int = 2
     clients: int = 20
     test_fraction: float = 0.2
+    fraction: float = 1.0  # keep this seeded fraction of the training set
+    label_noise: float = 0.0  # symmetric: this fraction of training labels -> another class
 
 
 @dataclass
@@ -149,8 +151,8 @@ NON_NEGATIVE = {"run.seed", "run.threads", "client.lr_end", "client.momentum",
                 "client.weight_decay", "client.rho", "client.eta", "client.rho2",
                 "server.momentum", "server.beta1", "swa.start", "personalization.epochs",
                 "personalization.momentum", "personalization.every"}
-UNIT = {"data.test_fraction", "client.val_fraction", "sparsity.sparsity", "server.beta1",
-        "server.beta2", "server.momentum"}
+UNIT = {"data.test_fraction", "data.label_noise", "client.val_fraction", "sparsity.sparsity",
+        "server.beta1", "server.beta2", "server.momentum"}
 
 
 def _positive_ints(value: Any) -> bool:
@@ -193,6 +195,8 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{key}: must be >= 0, got {value!r}")
             if key in UNIT and not 0 <= value < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
+    if not 0 < cfg.data.fraction <= 1:
+        raise ConfigError(f"data.fraction: must be in (0, 1], got {cfg.data.fraction}")
     if cfg.decentralized.strategy == "none" and cfg.server.clients_per_round > cfg.data.clients:
         raise ConfigError(f"server.clients_per_round: {cfg.server.clients_per_round} is more "
                           f"than data.clients = {cfg.data.clients}")

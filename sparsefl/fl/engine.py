@@ -69,7 +69,9 @@ class History:
 class Simulation:
     def __init__(self, cfg: flconfig.Config, dataset: fldata.Dataset | None = None) -> None:
         self.cfg = cfg
-        self.data = dataset or fldata.load(cfg.data.name, cfg.data.dir or None)
+        self.data = fldata.subset(dataset or fldata.load(cfg.data.name, cfg.data.dir or None),
+                                  cfg.data.fraction, cfg.data.label_noise,
+                                  seed=derive_seed(cfg.run.seed, 10))
         self.clients = fldata.partition(
             self.data.train_y, cfg.data.clients, cfg.data.partition, alpha=cfg.data.alpha,
             shards_per_client=cfg.data.shards_per_client,
