@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""Reproduce docs/results.md: every configs/fmnist experiment x seeds, then the tables.
+"""Reproduce docs/results.md: every experiment of a suite x seeds, then the tables.
 
-    .venv/bin/python scripts/results.py [--seeds 0 1] [--jobs 2] [--out results/fmnist]
+    .venv/bin/python scripts/results.py --suite fmnist|decentralized|agnostic [--seeds 0 1]
 
-Runs go to OUT/<experiment>-seed<S> (one thread each, `--jobs` at a time); a run that
-already has summary.json is skipped, one that was interrupted is resumed from its last
-checkpoint.  The tables (mean ± std over seeds) are printed and written to OUT/tables.md.
+Suites are the folders of configs/.  Runs go to results/<suite>/<experiment>-seed<S>
+(one thread each, `--jobs` at a time); a run that already has summary.json is skipped,
+one that was interrupted is resumed from its last checkpoint.  Suites whose claims are
+about flatness then run `sparsefl analyze` on each run (Hessian top eigenvalue and
+trace).  The tables (mean ± std over seeds) are printed and written to
+results/<suite>/tables.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,9 +23,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ORDER = ["fedavg", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99", "sparsyfed-90",
+FMNIST = ["fedavg", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99", "sparsyfed-90",
          "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft", "flash-95",
-         "sparsyfed-95-global"]
+         "sparsyfed-95-global", "sparsyfed-95-noact"]
+
+
+DECENTRALIZED = ["diffusion", "consensus", "centralized"]
+AGNOSTIC = ["sgd-noise40", "sam-noise40", "agnostic_sam-noise40", "sgd-data10", "sam-data10",
+            "agnostic_sam-data10"]
+ANALYZE = {"fmnist": ["fedavg", "fedsam", "fedasam", "fedasam-swa"],
+           "decentralized": DECENTRALIZED}
+
+
+def analyze_one(run_dir: Path) -> str:
+    if (run_dir / "analysis.json").is_file() or not (run_dir / "summary.json").is_file():
+        return f"{run_dir.name}: analysis skipped"
+    proc = subprocess.run([sys.executable, "-m", "sparsefl.cli", "analyze", str(run_dir)],
+                          capture_output=True, text=True, env={**os.environ,
+                                                               "OMP_NUM_THREADS": "1"})
+    return f"{run_dir.name}: analysis {'ok' if proc.returncode == 0 else proc.stderr[-500:]}"
 
 
 def run_one(config: Path, seed: int, out: Path) -> str:
@@ -50,9 +70,56 @@ def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _load(out: Path, name: str, seeds: list[int], what: str = "summary.json") -> list[dict]:
+    files = [out / f"{name}-seed{s}" / what for s in seeds]
+    return [json.loads(f.read_text()) for f in files if f.is_file()]
+
+
+def tables_decentralized(out: Path, seeds: list[int]) -> str:
+    parts = ["| strategy | seeds | test acc, average model (%) | test acc, mean over agents (%) "
+             "| training loss (avg model) | top Hessian eigenvalue (avg model) | "
+             "mean agent top eigenvalue | Hessian trace (avg model) | disagreement |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in DECENTRALIZED:
+        runs = [(json.loads((out / f"{name}-seed{s}" / "metrics.jsonl").read_text()
+                            .splitlines()[-1]),
+                 json.loads(p.read_text()) if (p := out / f"{name}-seed{s}" /
+                                               "analysis.json").is_file() else None)
+                for s in seeds if (out / f"{name}-seed{s}" / "summary.json").is_file()]
+        if not runs:
+            parts.append(f"| {name} | (not run) |")
+            continue
+        last = [r for r, _ in runs]
+        an = [a for _, a in runs if a]
+        agents = [statistics.fmean(a["agents_top_eigenvalue"]) for a in an
+                  if "agents_top_eigenvalue" in a]
+        parts.append(
+            f"| {name} | {len(runs)} | {_ms([r['acc'] for r in last])} | "
+            f"{_ms([r['agent_acc_mean'] for r in last])} | "
+            f"{_ms([r['full_train_loss'] for r in last], 1, 4)} | "
+            f"{_ms([a['global']['top_eigenvalue'] for a in an], 1, 2)} | "
+            f"{_ms(agents, 1, 2) if agents else '—'} | "
+            f"{_ms([a['global']['trace'] for a in an], 1, 1)} | "
+            f"{_ms([r['disagreement'] for r in last], 1, 6)} |")
+    return "\n".join(parts) + "\n"
+
+
+def tables_agnostic(out: Path, seeds: list[int]) -> str:
+    parts = ["| condition | optimizer | seeds | test acc, last 10% of evals (%) | best (%) |",
+             "|---|---|---|---|---|"]
+    for name in AGNOSTIC:
+        fs = _load(out, name, seeds)
+        opt, cond = name.rsplit("-", 1)
+        cond = {"noise40": "40% label noise", "data10": "10% of the data"}[cond]
+        parts.append(f"| {cond} | {opt} | {len(fs)} | "
+                     f"{_ms([f['acc_tail_mean'] for f in fs])} | "
+                     f"{_ms([f['best_acc'] for f in fs])} |")
+    return "\n".join(parts) + "\n"
+
+
 def tables(out: Path, seeds: list[int]) -> str:
     rows = {}
-    for name in ORDER:
+    for name in FMNIST:
         finals = []
         for s in seeds:
             f = out / f"{name}-seed{s}" / "summary.json"
@@ -82,7 +149,8 @@ def tables(out: Path, seeds: list[int]) -> str:
     parts.append(f"\nSWA model (FedASAM+SWA), final accuracy: {_ms(swa)} %\n")
     parts += ["### Sparsity: SparsyFed vs Top-K vs FLASH vs dense", head]
     parts += [line(n) for n in ("fedavg", "sparsyfed-90", "topk-90", "sparsyfed-95", "topk-95",
-                                "flash-95", "sparsyfed-95-global", "sparsyfed-99", "topk-99")]
+                                "flash-95", "sparsyfed-95-global", "sparsyfed-95-noact",
+                                "sparsyfed-99", "topk-99")]
     parts += ["", "### Personalisation: FedBABU vs FedAvg + fine-tuning",
               "| experiment | seeds | global acc (%) | personalised before FT (%) | "
               "personalised after FT (%) |", "|---|---|---|---|---|"]
@@ -91,6 +159,16 @@ def tables(out: Path, seeds: list[int]) -> str:
         parts.append(f"| {n} | {len(fs)} | {_ms([f['acc_tail_mean'] for f in fs])} | "
                      f"{_ms([f['personalized']['before_mean'] for f in fs])} | "
                      f"{_ms([f['personalized']['after_mean'] for f in fs])} |")
+    parts += ["", "### Flatness of the final global model (Hessian on 1000 training examples)",
+              "| experiment | seeds | top eigenvalue | trace | SWA model top eigenvalue |",
+              "|---|---|---|---|---|"]
+    for n in ANALYZE["fmnist"]:
+        an = _load(out, n, seeds, "analysis.json")
+        swa = [a["swa"]["top_eigenvalue"] for a in an if "swa" in a]
+        parts.append(f"| {n} | {len(an)} | "
+                     f"{_ms([a['global']['top_eigenvalue'] for a in an], 1, 2)} | "
+                     f"{_ms([a['global']['trace'] for a in an], 1, 1)} | "
+                     f"{_ms(swa, 1, 2) if swa else '—'} |")
     return "\n".join(parts) + "\n"
 
 
@@ -98,20 +176,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--out", default="results/fmnist")
+    ap.add_argument("--suite", default="fmnist", choices=["fmnist", "decentralized",
+                                                          "agnostic"])
+    ap.add_argument("--out", help="default results/<suite>")
     ap.add_argument("--only", nargs="*", help="experiment names (default: all)")
     ap.add_argument("--tables-only", action="store_true")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or f"results/{args.suite}")
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
-    names = args.only or ORDER
+    root = Path(__file__).resolve().parent.parent / "configs" / args.suite
+    order = {"fmnist": FMNIST, "decentralized": DECENTRALIZED, "agnostic": AGNOSTIC}[args.suite]
+    names = args.only or order
     if not args.tables_only:
         jobs = [(root / f"{n}.toml", s) for n in names for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             for msg in pool.map(lambda j: run_one(j[0], j[1], out), jobs):
                 print(msg, flush=True)
-    text = tables(out, args.seeds)
+            dirs = [out / f"{n}-seed{s}" for n in ANALYZE.get(args.suite, [])
+                    for s in args.seeds if n in names]
+            for msg in pool.map(analyze_one, dirs):
+                print(msg, flush=True)
+    text = {"fmnist": tables, "decentralized": tables_decentralized,
+            "agnostic": tables_agnostic}[args.suite](out, args.seeds)
     (out / "tables.md").write_text(text)
     print(text)
     return 0

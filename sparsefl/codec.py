@@ -196,9 +196,9 @@ def _rice_decode(section: bytes, count: int, where: str) -> np.ndarray:
 def _index_sections(chunk: SparseChunk, ref: Tensor | None) -> dict[int, bytes]:
     idx = chunk.indices.cpu().numpy().astype(np.int64)
     n, k = chunk.numel, idx.size
+    if k == n:  # every index in order: nothing to send, nothing else can be smaller
+        return {DENSE: b""}
     options: dict[int, bytes] = {}
-    if k == n:
-        options[DENSE] = b""
     if n < 2**31:
         options[INT32_LIST] = idx.astype("<i4").tobytes()
     gaps = np.diff(idx, prepend=-1) - 1 if k else idx

@@ -106,4 +106,5 @@ def flatness(model: nn.Module, x: Tensor, y: Tensor, *, batch: int = 500, iters:
     with torch.no_grad():
         loss = float(probe.loss())
     return {"top_eigenvalue": probe.top_eigenvalue(iters=iters, seed=seed),
-            "trace": probe.trace(samples=samples, seed=seed), "loss": loss}
+            "trace": probe.trace(samples=samples, seed=seed) if samples else None,
+            "loss": loss}

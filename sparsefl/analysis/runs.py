@@ -26,7 +26,12 @@ def analyze_run(run_dir: str | Path, *, examples: int = 1000, iters: int = 100,
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint to analyse")
     rnd, tensors, _ = found
-    sim = engine.Simulation(cfg)
+    if cfg.decentralized.strategy != "none":
+        from sparsefl.fl.decentralized import DecentralizedSimulation
+
+        sim: Any = DecentralizedSimulation(cfg)
+    else:
+        sim = engine.Simulation(cfg)
     sim.load_state(rnd, tensors)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(sim.data.train_y), generator=gen)[:examples]
@@ -34,7 +39,14 @@ def analyze_run(run_dir: str | Path, *, examples: int = 1000, iters: int = 100,
     out: dict[str, Any] = {"round": rnd, "examples": len(pick), "seed": seed}
     sim.layout.load(sim.model, sim.global_flat)
     out["global"] = flatness(sim.model, x, y, iters=iters, samples=samples, seed=seed)
-    avg = sim.swa.average() if sim.swa is not None else None
+    agents = getattr(sim, "w", None)
+    if agents is not None and agents.shape[0] > 1:  # decentralized: each agent's model too
+        out["agents_top_eigenvalue"] = []
+        for k in range(agents.shape[0]):
+            sim.layout.load(sim.model, agents[k])
+            out["agents_top_eigenvalue"].append(
+                flatness(sim.model, x, y, iters=iters, samples=0, seed=seed)["top_eigenvalue"])
+    avg = sim.swa.average() if getattr(sim, "swa", None) is not None else None
     if avg is not None:
         from sparsefl.fl.evaluate import has_batchnorm, recompute_bn
 
