@@ -142,19 +142,38 @@ std::pair<uint32_t, int64_t> pick_bin(const std::vector<int64_t>& h, int64_t k) 
   TORCH_CHECK(false, "sparsefl.topk: internal error, k exceeds the element count");
 }
 
+// Radix select over the 31-bit magnitude keys.  Large inputs: two passes of 16 + 15 bits
+// (few passes over memory).  Small inputs (activation pruning runs on every forward
+// pass): three passes of 11 + 10 + 10 bits, since zeroing, merging and scanning 2^16
+// bins per call costs more than reading a few thousand elements three times.
 Threshold find_threshold(const std::vector<Part>& parts, const std::vector<Block>& blocks,
                          int64_t n, int64_t k) {
   Threshold t;
-  // Pass 1 also checks for NaN, even when k is 0 or n: bad input is refused consistently.
-  auto h1 = histogram(parts, blocks, 15, 16, 0, 32, /*check_nan=*/true);
-  if (k == 0) { t.none = true; return t; }
-  if (k == n) { t.all = true; return t; }
-  auto [b1, above1] = pick_bin(h1, k);
-  auto h2 = histogram(parts, blocks, 0, 15, b1, 15, false);
-  auto [b2, above2] = pick_bin(h2, k - above1);
-  t.key = (b1 << 15) | b2;
-  t.n_eq = h2[b2];
-  t.need_eq = k - above1 - above2;
+  const bool small = n < (int64_t{1} << 18);
+  const std::vector<int> widths = small ? std::vector<int>{11, 10, 10} : std::vector<int>{16, 15};
+  int shift = 31;
+  uint32_t prefix = 0;
+  int64_t need = k;
+  std::vector<int64_t> h;
+  uint32_t bin = 0;
+  for (size_t pass = 0; pass < widths.size(); ++pass) {
+    const int prefix_shift = shift;  // bits already fixed: key >> shift == prefix
+    shift -= widths[pass];
+    // Pass 1 also checks for NaN, even when k is 0 or n: bad input is refused consistently.
+    h = histogram(parts, blocks, shift, widths[pass], prefix, pass == 0 ? 32 : prefix_shift,
+                  /*check_nan=*/pass == 0);
+    if (pass == 0) {
+      if (k == 0) { t.none = true; return t; }
+      if (k == n) { t.all = true; return t; }
+    }
+    int64_t above;
+    std::tie(bin, above) = pick_bin(h, need);
+    need -= above;
+    prefix = (prefix << widths[pass]) | bin;
+  }
+  t.key = prefix;
+  t.n_eq = h[bin];
+  t.need_eq = need;
   return t;
 }
 
