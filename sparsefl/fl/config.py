@@ -85,6 +85,10 @@ class ServerSection:
     beta2: float = 0.99
     tau: float = 1e-3
     clients_per_round: int = 10
+    min_clients: int = 1  # fewer usable updates: the round is retried with a fresh sample
+    max_retries: int = 3
+    max_update_norm: float = 0.0  # drop updates whose L2 distance to the model exceeds it
+    client_timeout: float = 0.0  # seconds; in-process clients are dropped after the fact
 
 
 @dataclass
@@ -145,12 +149,13 @@ CHOICES = {
 POSITIVE = {"run.rounds", "run.eval_every", "run.keep_checkpoints", "data.alpha",
             "data.shards_per_client", "data.clients", "model.width", "client.lr",
             "client.epochs", "client.batch_size", "server.lr", "server.tau", "server.beta2",
-            "server.clients_per_round", "swa.cycle", "swa.lr", "personalization.lr",
-            "personalization.batch_size", "decentralized.edge_prob"}
+            "server.clients_per_round", "server.min_clients", "swa.cycle", "swa.lr",
+            "personalization.lr", "personalization.batch_size", "decentralized.edge_prob"}
 NON_NEGATIVE = {"run.seed", "run.threads", "client.lr_end", "client.momentum",
                 "client.weight_decay", "client.rho", "client.eta", "client.rho2",
-                "server.momentum", "server.beta1", "swa.start", "personalization.epochs",
-                "personalization.momentum", "personalization.every"}
+                "server.momentum", "server.beta1", "server.max_retries",
+                "server.max_update_norm", "server.client_timeout", "swa.start",
+                "personalization.epochs", "personalization.momentum", "personalization.every"}
 UNIT = {"data.test_fraction", "data.label_noise", "client.val_fraction", "sparsity.sparsity",
         "server.beta1", "server.beta2", "server.momentum"}
 

@@ -19,6 +19,7 @@ remaining rounds bit for bit.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsefl import codec, models, ops
 from sparsefl import data as fldata
-from sparsefl import models, ops
 from sparsefl.fl import checkpoint, sparsifiers, wire
 from sparsefl.fl import config as flconfig
 from sparsefl.fl.client import local_train
@@ -41,6 +42,9 @@ from sparsefl.fl.server import ServerOptimizer
 from sparsefl.fl.swa import SWA, client_lr, cycle_end
 from sparsefl.fl.timers import Timers
 from sparsefl.nn import layer_sparsity
+
+log = logging.getLogger("sparsefl")
+FAULTS = ("raised", "timeout", "undecodable", "nonfinite", "norm")
 
 
 def derive_seed(*parts: int) -> int:
@@ -119,8 +123,9 @@ class Simulation:
         self.round = rnd
 
     # ------------------------------------------------------------------ a round --------
-    def sample(self, rnd: int) -> list[int]:
-        rng = np.random.default_rng(derive_seed(self.cfg.run.seed, 3, rnd))
+    def sample(self, rnd: int, attempt: int = 0) -> list[int]:
+        parts = (self.cfg.run.seed, 3, rnd) + ((attempt,) if attempt else ())
+        rng = np.random.default_rng(derive_seed(*parts))
         k = self.cfg.server.clients_per_round
         return sorted(rng.choice(self.cfg.data.clients, size=k, replace=False).tolist())
 
@@ -154,11 +159,46 @@ class Simulation:
                 activated, deactivated = activated + a, deactivated + d
         return ClientUpdate(cid, payload, len(y), loss, sel, activated, deactivated)
 
+    def _receive(self, cid: int, rnd: int, received: Tensor, down_ref: list[Tensor | None],
+                 lr: float, timers: Timers) -> tuple[ClientUpdate | None, Any, str | None]:
+        """Run one client and check what the server gets: (update, flat pair, fault)."""
+        cfg, layout = self.cfg.server, self.layout
+        t0 = time.perf_counter()
+        try:
+            up = self.client_update(cid, rnd, received, down_ref, lr, timers)
+        except Exception as e:  # a failing client is dropped from the round, never fatal
+            log.warning("round %d: client %d raised %r; dropped", rnd, cid, e)
+            return None, None, "raised"
+        if up is None:
+            return None, None, None
+        if cfg.client_timeout and time.perf_counter() - t0 > cfg.client_timeout:
+            log.warning("round %d: client %d took longer than server.client_timeout; dropped",
+                        rnd, cid)
+            return up, None, "timeout"
+        with timers("decode"):
+            try:
+                chunks = wire.decode(layout, up.payload, reference=down_ref, nonfinite="allow")
+            except codec.PayloadError as e:
+                log.warning("round %d: client %d sent an undecodable payload (%s); dropped",
+                            rnd, cid, e)
+                return up, None, "undecodable"
+            pair = wire.to_flat_pair(layout, chunks)
+        if not bool(torch.isfinite(pair[1]).all()):
+            log.warning("round %d: client %d sent non-finite values; dropped", rnd, cid)
+            return up, None, "nonfinite"
+        if cfg.max_update_norm:
+            delta = torch.zeros(layout.numel).index_copy_(0, pair[0], pair[1]) - received
+            norm = float(delta.norm())
+            if norm > cfg.max_update_norm:
+                log.warning("round %d: client %d update norm %.4g exceeds "
+                            "server.max_update_norm; dropped", rnd, cid, norm)
+                return up, None, "norm"
+        return up, pair, None
+
     def step(self) -> dict[str, Any]:
         cfg, layout, timers = self.cfg, self.layout, Timers()
         rnd = self.round + 1
         t_round = time.perf_counter()
-        chosen = self.sample(rnd)
         lr = client_lr(cfg, rnd)
 
         with timers("encode"):
@@ -167,26 +207,40 @@ class Simulation:
         with timers("decode"):
             received = wire.to_flat(layout, wire.decode(layout, down))
 
-        payloads, weights, selections = [], [], []
-        activated = deactivated = 0
-        losses = []
-        for cid in chosen:
-            up = self.client_update(cid, rnd, received, down_ref, lr, timers)
-            if up is None:
-                continue
-            payloads.append(up.payload)
-            weights.append(up.num_examples)
-            losses.append(up.train_loss)
-            if up.selection is not None:
-                selections.append(up.selection)
-            activated, deactivated = activated + up.activated, deactivated + up.deactivated
+        faults = dict.fromkeys(FAULTS, 0)
+        sent_up = sent_down = contacted = 0
+        for attempt in range(cfg.server.max_retries + 1):
+            chosen = self.sample(rnd, attempt)
+            good = []
+            for cid in chosen:
+                contacted += 1
+                sent_down += len(down)
+                up, pair, why = self._receive(cid, rnd, received, down_ref, lr, timers)
+                if up is not None:
+                    sent_up += len(up.payload)
+                if why is not None:
+                    faults[why] += 1
+                elif up is not None:
+                    good.append((up, pair))
+            if len(good) >= cfg.server.min_clients:
+                break
+            log.warning("round %d: only %d of %d updates usable (server.min_clients = %d); "
+                        "sampling again", rnd, len(good), len(chosen), cfg.server.min_clients)
+        else:
+            raise RuntimeError(f"round {rnd}: fewer than server.min_clients = "
+                               f"{cfg.server.min_clients} usable updates after "
+                               f"{cfg.server.max_retries} retries; the last checkpoint holds "
+                               "the model of the previous round")
 
-        with timers("decode"):
-            pairs = [wire.to_flat_pair(layout, wire.decode(layout, p, reference=down_ref))
-                     for p in payloads]
+        ups = [u for u, _ in good]
+        weights = [u.num_examples for u in ups]
+        selections = [u.selection for u in ups if u.selection is not None]
+        losses = [u.train_loss for u in ups]
+        activated = sum(u.activated for u in ups)
+        deactivated = sum(u.deactivated for u in ups)
         with timers("aggregate"):
             total = float(sum(weights))
-            mean = ops.sparse_aggregate(pairs, [w / total for w in weights],
+            mean = ops.sparse_aggregate([p for _, p in good], [w / total for w in weights],
                                         numel=layout.numel)
             new = self.server.step(self.global_flat, mean, self.buffer_mask)
             new = self.sparsifier.after_aggregate(layout, new, selections, rnd)
@@ -198,11 +252,13 @@ class Simulation:
             self.swa.collect(new)
 
         rec: dict[str, Any] = {
-            "round": rnd, "lr": lr, "clients": chosen, "train_loss": float(np.mean(losses)),
-            "bytes_up": sum(len(p) for p in payloads), "bytes_down": len(down) * len(payloads),
-            "dense_bytes": 4 * layout.numel * len(payloads),
-            "activated": activated / max(len(payloads), 1),
-            "deactivated": deactivated / max(len(payloads), 1),
+            "round": rnd, "lr": lr, "clients": [u.client for u in ups],
+            "train_loss": float(np.mean(losses)),
+            "bytes_up": sent_up, "bytes_down": sent_down,
+            "dense_bytes": 4 * layout.numel * contacted,
+            "activated": activated / max(len(ups), 1),
+            "deactivated": deactivated / max(len(ups), 1),
+            "dropped": faults, "retries": attempt,
             "mask_growth": int((new_nz & ~old_nz).sum()),
         }
         last = rnd == cfg.run.rounds

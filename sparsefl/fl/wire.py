@@ -44,9 +44,9 @@ def encode(chunks: Sequence[codec.SparseChunk],
     return codec.encode(chunks, torch.float32, reference=reference)
 
 
-def decode(layout: Layout, data: bytes,
-           reference: Sequence[Tensor | None] | None = None) -> list[codec.SparseChunk]:
-    chunks = codec.decode(data, reference=reference)
+def decode(layout: Layout, data: bytes, reference: Sequence[Tensor | None] | None = None,
+           nonfinite: str = "raise") -> list[codec.SparseChunk]:
+    chunks = codec.decode(data, reference=reference, nonfinite=nonfinite)
     if len(chunks) != len(layout.entries) or any(
             c.numel != e.numel for c, e in zip(chunks, layout.entries)):
         raise codec.PayloadError("payload does not match the model layout "
