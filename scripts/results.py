@@ -25,7 +25,7 @@ from pathlib import Path
 
 FMNIST = ["fedavg", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99", "sparsyfed-90",
          "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft", "flash-95",
-         "sparsyfed-95-global", "sparsyfed-95-noact"]
+         "sparsyfed-95-global", "sparsyfed-95-noact", "fedbabu-lr05", "fedavg-ft-lr05"]
 
 
 DECENTRALIZED = ["diffusion", "consensus", "centralized"]
@@ -154,7 +154,7 @@ def tables(out: Path, seeds: list[int]) -> str:
     parts += ["", "### Personalisation: FedBABU vs FedAvg + fine-tuning",
               "| experiment | seeds | global acc (%) | personalised before FT (%) | "
               "personalised after FT (%) |", "|---|---|---|---|---|"]
-    for n in ("fedbabu", "fedavg-ft"):
+    for n in ("fedbabu", "fedavg-ft", "fedbabu-lr05", "fedavg-ft-lr05"):
         fs = [f for f in rows[n] if "personalized" in f]
         parts.append(f"| {n} | {len(fs)} | {_ms([f['acc_tail_mean'] for f in fs])} | "
                      f"{_ms([f['personalized']['before_mean'] for f in fs])} | "

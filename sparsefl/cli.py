@@ -39,6 +39,13 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     from sparsefl.bench import sam, sparse
 
+    if args.what == "round":
+        from sparsefl.bench import round as round_bench
+
+        print(round_bench.main(args.model, args.clients, args.per_client,
+                               max(1, args.rounds if args.rounds != 30 else 2), args.threads,
+                               args.out))
+        return 0
     for what in (["sam", "topk", "aggregate", "codec"] if args.what == "all" else [args.what]):
         if what == "sam":
             print(sam.run(rounds=args.rounds, device=args.device, backend=args.backend))
@@ -140,14 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which kernels and backends this install has").set_defaults(
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
-    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "all"],
+    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round", "all"],
                        help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
-                            "aggregate: sparse aggregation; codec: payload sizes")
+                            "aggregate: sparse aggregation; codec: payload sizes; round: one "
+                            "SparsyFed+FedSAM round, engine vs eager, per phase")
     bench.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--backend", default=None,
                        choices=["auto", "cpp", "cuda", "triton", "reference"])
+    bench.add_argument("--model", default="mlp", choices=["mlp", "lenet5", "resnet18"],
+                       help="round: the model (default mlp)")
+    bench.add_argument("--clients", type=int, default=10, help="round: clients (default 10)")
+    bench.add_argument("--per-client", type=int, default=64,
+                       help="round: training examples per client (default 64)")
+    bench.add_argument("--out", help="round: directory for round.json/.md/.png")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
