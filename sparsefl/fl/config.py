@@ -114,6 +114,7 @@ class DecentralizedSection:
     strategy: str = "none"  # none: federated rounds; else one iteration per "round"
     topology: str = "ring"
     edge_prob: float = 0.3  # erdos_renyi only
+    density: float = 1.0  # < 1: neighbours get the top-k of each change, error feedback
 
 
 @dataclass
@@ -200,6 +201,9 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{key}: must be >= 0, got {value!r}")
             if key in UNIT and not 0 <= value < 1:
                 raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
+    if not 0 < cfg.decentralized.density <= 1:
+        raise ConfigError("decentralized.density: must be in (0, 1], got "
+                          f"{cfg.decentralized.density}")
     if not 0 < cfg.data.fraction <= 1:
         raise ConfigError(f"data.fraction: must be in (0, 1], got {cfg.data.fraction}")
     if cfg.decentralized.strategy == "none" and cfg.server.clients_per_round > cfg.data.clients:

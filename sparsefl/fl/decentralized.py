@@ -11,8 +11,10 @@ g_k is the minibatch gradient on agent k's data (+ weight decay), batches seeded
 (seed, iteration, agent).  What neighbours exchange (psi or w) goes through
 sparsefl.codec: each agent encodes once, every neighbour receives those bytes (counted),
 and the combination is `ops.sparse_aggregate` over the decoded payloads with weights
-a_lk.  On a complete graph with a_lk = 1/K, diffusion from a common point is the
-centralized iterate (tested).
+a_lk.  With decentralized.density < 1 an agent sends only the top-k of the difference
+between its vector and the copy its neighbours hold, with error feedback (CHOCO-style
+public copies), and neighbours add it to that copy.  On a complete graph with a_lk = 1/K, diffusion
+from a common point is the centralized iterate (tested).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from sparsefl import codec, ops
 from sparsefl import data as fldata
-from sparsefl import ops
 from sparsefl.fl import config as flconfig
 from sparsefl.fl import topology, wire
 from sparsefl.fl.engine import Simulation, derive_seed
@@ -62,6 +64,10 @@ class DecentralizedSimulation:
         rows = 1 if self.strategy == "centralized" else self.agents
         self.w = self.base.global_flat.unsqueeze(0).repeat(rows, 1)
         self.param_mask = ~self.layout.mask(buffer=True)
+        self.density = cfg.decentralized.density
+        if self.density < 1.0:  # public copies and error-feedback residuals
+            self.public = self.w.clone()
+            self.residual = torch.zeros_like(self.w)
         self.round = 0
 
     @property
@@ -69,12 +75,17 @@ class DecentralizedSimulation:
         return self.w.mean(0)
 
     def state(self) -> dict[str, Tensor]:
+        if self.density < 1.0:
+            return {"agents": self.w, "public": self.public, "residual": self.residual}
         return {"agents": self.w}
 
     def load_state(self, rnd: int, tensors: dict[str, Tensor]) -> None:
         if tensors["agents"].shape != self.w.shape:
             raise ValueError("checkpoint does not match this config's agents and model")
         self.w = tensors["agents"].clone()
+        if self.density < 1.0:
+            self.public = tensors["public"].clone()
+            self.residual = tensors["residual"].clone()
         self.round = rnd
 
     def _grad(self, w: Tensor, agent: int, rnd: int) -> tuple[Tensor, Tensor, float]:
@@ -94,6 +105,8 @@ class DecentralizedSimulation:
 
     def _exchange(self, values: Tensor, timers: Timers) -> tuple[list, int]:
         """Encode every agent's vector once; decode what its neighbours receive."""
+        if self.density < 1.0:
+            return self._exchange_compressed(values, timers)
         pairs, sent = [], 0
         for k in range(self.agents):
             with timers("encode"):
@@ -102,6 +115,33 @@ class DecentralizedSimulation:
             with timers("decode"):
                 pairs.append(wire.to_flat_pair(self.layout, wire.decode(self.layout, payload)))
         return pairs, sent
+
+    def _exchange_compressed(self, values: Tensor, timers: Timers) -> tuple[list, int]:
+        """Top-k of (value - public copy) with error feedback, CHOCO-style: each agent's
+        neighbours keep a public copy x^_k of its vector and add the sparse corrections
+        they receive; the combination uses the neighbours' copies and the agent's own
+        exact vector."""
+        numels = [e.numel for e in self.layout.entries]
+        pairs, sent = [], 0
+        for k in range(self.agents):
+            with timers("prune"):
+                idx, val = ops.topk_compress(values[k] - self.public[k], self.density,
+                                             residual=self.residual[k])
+            with timers("encode"):
+                payload = wire.encode(codec.split_flat(idx, val, numels))
+            sent += len(payload) * int(self.adj[k].sum())
+            with timers("decode"):
+                i, v = wire.to_flat_pair(self.layout, wire.decode(self.layout, payload))
+                self.public[k].index_add_(0, i, v)
+            pairs.append((torch.empty(0, dtype=torch.int64), self.public[k]))
+        return pairs, sent
+
+    def _own(self, pairs: list, k: int, share: Tensor) -> list:
+        """With compression an agent combines its own exact vector, not its public copy."""
+        if self.density >= 1.0:
+            return pairs
+        return [(torch.empty(0, dtype=torch.int64), share[k]) if j == k else p
+                for j, p in enumerate(pairs)]
 
     def _combine(self, pairs: list, k: int, base: Tensor | None) -> Tensor:
         nbrs = [j for j in range(self.agents) if j == k or self.adj[j, k]]
@@ -128,14 +168,16 @@ class DecentralizedSimulation:
                 g = torch.stack([o[1] for o in outs])
                 after = torch.stack([o[0] for o in outs])
             if self.strategy == "diffusion":
-                pairs, sent = self._exchange(after - mu * g, timers)
+                share = after - mu * g
+                pairs, sent = self._exchange(share, timers)
                 with timers("aggregate"):
-                    self.w = torch.stack([self._combine(pairs, k, None)
+                    self.w = torch.stack([self._combine(self._own(pairs, k, share), k, None)
                                           for k in range(self.agents)])
             else:
                 pairs, sent = self._exchange(after, timers)
                 with timers("aggregate"):
-                    self.w = torch.stack([self._combine(pairs, k, -mu * g[k])
+                    self.w = torch.stack([self._combine(self._own(pairs, k, after), k,
+                                                        -mu * g[k])
                                           for k in range(self.agents)])
         self.round = rnd
         rec: dict[str, Any] = {

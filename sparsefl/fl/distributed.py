@@ -74,6 +74,9 @@ def run_distributed(cfg: flconfig.Config, out_dir: str | Path) -> torch.Tensor:
     if cfg.decentralized.strategy not in ("diffusion", "consensus"):
         raise flconfig.ConfigError("decentralized.strategy: the multi-process mode runs "
                                    "diffusion or consensus")
+    if cfg.decentralized.density < 1.0:
+        raise flconfig.ConfigError("decentralized.density: the multi-process mode exchanges "
+                                   "dense vectors; compressed exchange runs in-process")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = cfg.data.clients
