@@ -60,47 +60,44 @@ def plot(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     rows = load_metrics(run_dir)
     evals = [r for r in rows if "acc" in r]
-    out = []
+    out: list[Path] = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in evals], [r["acc"] for r in evals], label="global model")
-    swa = [r for r in evals if "swa_acc" in r]
-    if swa:
-        ax.plot([r["round"] for r in swa], [r["swa_acc"] for r in swa], label="SWA model")
-    ax.set(xlabel="round", ylabel="test accuracy", title=f"{run_dir.name}: accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out.append(run_dir / "accuracy.png")
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    def figure(name: str, draw, legend: dict) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(**legend)
+        fig.tight_layout()
+        out.append(run_dir / name)
+        fig.savefig(out[-1], dpi=120)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in evals], [r["sparsity"] for r in evals], lw=2, label="global")
-    names = sorted({k for r in evals for k in r.get("layer_sparsity", {})})
-    for n in names:
-        ax.plot([r["round"] for r in evals], [r["layer_sparsity"].get(n, math.nan)
-                                              for r in evals], lw=0.8, alpha=0.7, label=n)
-    ax.set(xlabel="round", ylabel="fraction of zero weights", ylim=(-0.02, 1.02),
-           title=f"{run_dir.name}: weight sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    out.append(run_dir / "sparsity.png")
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    def accuracy(ax) -> None:
+        ax.plot([r["round"] for r in evals], [r["acc"] for r in evals], label="global model")
+        swa = [r for r in evals if "swa_acc" in r]
+        if swa:
+            ax.plot([r["round"] for r in swa], [r["swa_acc"] for r in swa], label="SWA model")
+        ax.set(xlabel="round", ylabel="test accuracy", title=f"{run_dir.name}: accuracy")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r["bytes_up"] / 1e6 for r in rows], label="up (encoded)")
-    ax.plot(rounds, [r["bytes_down"] / 1e6 for r in rows], label="down (encoded)")
-    ax.plot(rounds, [r["dense_bytes"] / 1e6 for r in rows], "--", label="dense fp32, each way")
-    ax.set(xlabel="round", ylabel="MB per round", yscale="log",
-           title=f"{run_dir.name}: communication")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out.append(run_dir / "bytes.png")
-    fig.tight_layout()
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    def sparsity(ax) -> None:
+        rounds = [r["round"] for r in evals]
+        ax.plot(rounds, [r["sparsity"] for r in evals], lw=2, label="global")
+        for n in sorted({k for r in evals for k in r.get("layer_sparsity", {})}):
+            ax.plot(rounds, [r["layer_sparsity"].get(n, math.nan) for r in evals], lw=0.8,
+                    alpha=0.7, label=n)
+        ax.set(xlabel="round", ylabel="fraction of zero weights", ylim=(-0.02, 1.02),
+               title=f"{run_dir.name}: weight sparsity")
+
+    def communication(ax) -> None:
+        rounds = [r["round"] for r in rows]
+        ax.plot(rounds, [r["bytes_up"] / 1e6 for r in rows], label="up (encoded)")
+        ax.plot(rounds, [r["bytes_down"] / 1e6 for r in rows], label="down (encoded)")
+        ax.plot(rounds, [r["dense_bytes"] / 1e6 for r in rows], "--",
+                label="dense fp32, each way")
+        ax.set(xlabel="round", ylabel="MB per round", yscale="log",
+               title=f"{run_dir.name}: communication")
+
+    figure("accuracy.png", accuracy, {})
+    figure("sparsity.png", sparsity, {"fontsize": 6, "ncol": 2})
+    figure("bytes.png", communication, {})
     return out

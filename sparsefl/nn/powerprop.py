@@ -117,56 +117,55 @@ class _PrunedConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-class PowerpropLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 beta: float = 1.25, **kw) -> None:
+class _PowerpropMixin:
+    """What both layers share: beta, the activation density, init in omega, repr."""
+
+    def _set_beta(self, beta: float) -> None:
         if not beta >= 1.0:
             raise ValueError(f"powerprop beta must be >= 1, got {beta}")
         self.beta = float(beta)
         self.act_density = 1.0
-        super().__init__(in_features, out_features, bias, **kw)
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
+        super().reset_parameters()  # type: ignore[misc]
         with torch.no_grad():
             self.weight.copy_(to_omega(self.weight, self.beta))
 
+    def _pruning(self) -> bool:
+        return self.training and self.act_density < 1.0 and torch.is_grad_enabled()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"  # type: ignore[misc]
+
+
+class PowerpropLinear(_PowerpropMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 beta: float = 1.25, **kw) -> None:
+        self._set_beta(beta)
+        super().__init__(in_features, out_features, bias, **kw)
+
     def forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
-        if self.training and self.act_density < 1.0 and torch.is_grad_enabled():
+        if self._pruning():
             return _PrunedLinear.apply(x, w, self.bias, self.act_density)
         return F.linear(x, w, self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, beta={self.beta}"
 
-
-class PowerpropConv2d(nn.Conv2d):
+class PowerpropConv2d(_PowerpropMixin, nn.Conv2d):
     def __init__(self, *args, beta: float = 1.25, **kw) -> None:
-        if not beta >= 1.0:
-            raise ValueError(f"powerprop beta must be >= 1, got {beta}")
-        self.beta = float(beta)
-        self.act_density = 1.0
+        self._set_beta(beta)
         super().__init__(*args, **kw)
         if self.padding_mode != "zeros":
             raise ValueError("PowerpropConv2d supports padding_mode='zeros' only")
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        with torch.no_grad():
-            self.weight.copy_(to_omega(self.weight, self.beta))
-
     def forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
-        if self.training and self.act_density < 1.0 and torch.is_grad_enabled():
+        if self._pruning():
             if isinstance(self.padding, str):
                 raise ValueError("activation pruning needs numeric padding")
             return _PrunedConv2d.apply(x, w, self.bias, self.act_density, self.stride,
                                        self.padding, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, beta={self.beta}"
 
 
 POWERPROP = (PowerpropLinear, PowerpropConv2d)
