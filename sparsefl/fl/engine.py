@@ -68,6 +68,8 @@ class History:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
     final: dict[str, Any] = field(default_factory=dict)
+    global_flat: Tensor | None = None  # the final global (decentralized: average) model
+    simulation: Any = None  # the Simulation / DecentralizedSimulation that ran
 
 
 class Simulation:
@@ -101,6 +103,7 @@ class Simulation:
         self.server = ServerOptimizer(cfg.server, self.layout.numel)
         self.swa = SWA(self.layout.numel) if cfg.swa.enabled else None
         self.buffer_mask = self.layout.mask(buffer=True)
+        self.prunable_mask = self.layout.mask(prunable=True)
         self.round = 0
 
     # ------------------------------------------------------------------ state ----------
@@ -244,7 +247,7 @@ class Simulation:
                                         numel=layout.numel)
             new = self.server.step(self.global_flat, mean, self.buffer_mask)
             new = self.sparsifier.after_aggregate(layout, new, selections, rnd)
-        prunable = layout.mask(prunable=True)
+        prunable = self.prunable_mask
         old_nz, new_nz = self.global_flat[prunable] != 0, new[prunable] != 0
         self.global_flat = new
         self.round = rnd
@@ -357,8 +360,8 @@ def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool
         if bar is not None:
             bar.close()
     history.final = summarize(history.rounds)
-    history.global_flat = sim.global_flat  # type: ignore[attr-defined]
-    history.simulation = sim  # type: ignore[attr-defined]
+    history.global_flat = sim.global_flat
+    history.simulation = sim
     return history
 
 
