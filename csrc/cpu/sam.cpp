@@ -14,9 +14,8 @@
 // restore is a pointer swap, bit-exact and free.
 //
 // Determinism: work is cut into fixed-size blocks that do not depend on the thread
-// count.  Each block sums in 16 float lanes over sub-chunks of 1024 elements, folds each
-// sub-chunk into a double, and stores one double per block; block partials are added in
-// block order.  The same input gives the same bits for any number of threads and for
+// count.  Each block sums squares in 16 float64 lanes and stores one double per block;
+// block partials are added in block order.  The same input gives the same bits for any number of threads and for
 // the AVX2 and baseline clones alike (the lane layout is fixed in the source).
 //
 // A non-finite norm (NaN/Inf gradients, e.g. an overflowed AMP step) does not perturb:
@@ -44,40 +43,42 @@ namespace sparsefl {
 namespace {
 
 constexpr int64_t kBlock = 1 << 15;  // elements per parallel work item
-constexpr int64_t kChunk = 1024;     // elements per float sub-sum (bounds fp32 error)
+constexpr int64_t kChunk = 1024;     // elements per staging chunk (fits L1)
 constexpr int kLanes = 16;           // fixed accumulator layout -> ISA-independent bits
 
 // ---- float inner loops: the only hot code; cloned for AVX2 with a portable fallback ----
 
 __attribute__((target_clones("avx2", "default")))
 double sumsq_f32(const float* g, const float* w, int64_t n, bool adaptive, float eta) {
-  double total = 0.0;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t m = std::min(kChunk, n - c);
-    float acc[kLanes] = {0};
-    const float* gp = g + c;
-    const float* wp = w + c;
-    int64_t i = 0;
-    if (adaptive) {
-      for (; i + kLanes <= m; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const float v = (std::fabs(wp[i + l]) + eta) * gp[i + l];
-          acc[l] += v * v;
-        }
-      for (; i < m; ++i) {
-        const float v = (std::fabs(wp[i]) + eta) * gp[i];
-        acc[i % kLanes] += v * v;
+  // Squares and sums in float64 like the reference, so the norm differs from it only by
+  // summation order (~1e-16 relative) and the float32 scale rho / (n + eps) comes out the
+  // same: fused and eager SAM then produce bit-identical perturbed weights.
+  double acc[kLanes] = {0};
+  int64_t i = 0;
+  if (adaptive) {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double v = static_cast<double>(std::fabs(w[i + l]) + eta) * g[i + l];
+        acc[l] += v * v;
       }
-    } else {
-      for (; i + kLanes <= m; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += gp[i + l] * gp[i + l];
-      for (; i < m; ++i) acc[i % kLanes] += gp[i] * gp[i];
+    for (; i < n; ++i) {
+      const double v = static_cast<double>(std::fabs(w[i]) + eta) * g[i];
+      acc[i % kLanes] += v * v;
     }
-    double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += acc[l];
-    total += s;
+  } else {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const double v = g[i + l];
+        acc[l] += v * v;
+      }
+    for (; i < n; ++i) {
+      const double v = g[i];
+      acc[i % kLanes] += v * v;
+    }
   }
-  return total;
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
 }
 
 __attribute__((target_clones("avx2", "default")))
@@ -163,7 +164,7 @@ struct TensorArgs {
   void* backup;
   at::ScalarType dtype;
   bool adaptive;
-  float rho;
+  double rho;  // double: rho / (n + eps) is rounded to float once, as in the reference
 };
 
 struct Block {
@@ -286,7 +287,7 @@ at::Tensor perturb_cpu(at::TensorList w, at::TensorList g1, at::TensorList g2, a
     TensorArgs& a = args[i];
     a.dtype = wi.scalar_type();
     a.adaptive = adaptive[i];
-    a.rho = static_cast<float>(rho[i]);
+    a.rho = rho[i];
     const bool in_place = out[i].is_same(wi) && wi.is_contiguous();
     a.w = in_place ? wi.data_ptr() : contig_in(wi);
     a.g1 = contig_in(g1[i]);
