@@ -4,7 +4,7 @@
     sparsefl plot RUN_DIR
     sparsefl analyze RUN_DIR
     sparsefl info
-    sparsefl bench sam|topk|aggregate|codec|all
+    sparsefl bench sam|topk|aggregate|codec|round|scaling|all
 """
 
 from __future__ import annotations
@@ -39,9 +39,18 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     from sparsefl.bench import sam, sparse
 
+    if args.what == "scaling":
+        from sparsefl.bench import scaling
+
+        print(scaling.main(args.out, quick=args.quick, threads=args.threads))
+        return 0
     if args.what == "round":
         from sparsefl.bench import round as round_bench
 
+        if args.device != "cpu":
+            print("sparsefl bench round: the FL engine runs on CPU only so far; "
+                  "--device cuda is for the kernel benchmarks", file=sys.stderr)
+            return 2
         print(round_bench.main(args.model, args.clients, args.per_client,
                                max(1, args.rounds if args.rounds != 30 else 2), args.threads,
                                args.out))
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which kernels and backends this install has").set_defaults(
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
-    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round", "all"],
+    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round", "scaling",
+                                          "all"],
                        help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
                             "aggregate: sparse aggregation; codec: payload sizes; round: one "
                             "SparsyFed+FedSAM round, engine vs eager, per phase")
@@ -161,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--clients", type=int, default=10, help="round: clients (default 10)")
     bench.add_argument("--per-client", type=int, default=64,
                        help="round: training examples per client (default 64)")
-    bench.add_argument("--out", help="round: directory for round.json/.md/.png")
+    bench.add_argument("--out", help="round/scaling: directory for the JSON, markdown and PNG")
+    bench.add_argument("--quick", action="store_true",
+                       help="scaling: small sizes, a minute-scale smoke run")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -159,3 +159,86 @@ def test_peak_memory_does_not_grow_with_clients():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---- accumulate mode (float64 out) and the streaming SparseAccumulator ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_out_accumulates_in_client_order(backend):
+    numel = 5000
+    pays = payloads(7, numel, 0.1, seed=11)
+    pays.append((torch.empty(0, dtype=torch.int64), torch.randn(numel)))  # a dense client
+    w = [0.5, 1.0, 2.0, 0.25, 3.0, 1.5, 0.75, 0.1]
+    start = torch.randn(numel, dtype=torch.float64)
+    acc = start.clone()
+    ops.sparse_aggregate(pays, w, out=acc, backend=backend)
+    want = start.clone()
+    for (idx, val), ww in zip(pays, w):  # same float64 additions, same order
+        if idx.numel() == 0:
+            want += ww * val.double()
+        else:
+            want.index_add_(0, idx, ww * val.double())
+    assert torch.equal(acc, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_out_refuses_base_and_lr(backend):
+    acc = torch.zeros(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="accumulates"):
+        ops.sparse_aggregate([], [], out=acc, base=torch.zeros(10), backend=backend)
+    with pytest.raises(ValueError, match="accumulates"):
+        ops.sparse_aggregate([], [], out=acc, lr=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_payload_leaves_the_running_sum_untouched(backend):
+    numel = 3000
+    good = payloads(3, numel, 0.2, seed=5)
+    bad = (torch.tensor([5, 3, 9]), torch.ones(3))  # not ascending
+    acc = torch.randn(numel, dtype=torch.float64)
+    before = acc.clone()
+    with pytest.raises(ValueError, match="payload 3 indices"):
+        ops.sparse_aggregate([*good, bad], [1.0] * 4, out=acc, backend=backend)
+    assert torch.equal(acc, before)
+
+
+@pytest.mark.parametrize("group", [1, 3, 16, 1000])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streaming_accumulator_is_bitwise_one_aggregate(backend, group):
+    numel, C = 20_000, 23
+    pays = payloads(C, numel, 0.05, seed=2, idx_dtype=torch.int32)
+    n = [float(10 + 3 * c) for c in range(C)]
+    total = sum(n)
+    base = torch.randn(numel)
+    stream = ops.SparseAccumulator(numel, group=group, backend=backend)
+    for p, w in zip(pays, n):
+        stream.add(p, w)
+    assert stream.count == C
+    stream.flush()  # the last partial group
+    # one call over everything, float64 out, same weights and order
+    whole = torch.zeros(numel, dtype=torch.float64)
+    ops.sparse_aggregate(pays, n, out=whole, backend=backend)
+    assert torch.equal(stream.sum, whole)
+    mean = stream.result(divisor=total)
+    assert mean.dtype == torch.float32
+    assert torch.equal(mean, (whole / total).float())
+    upd = stream.result(divisor=total, base=base, lr=0.5)
+    assert torch.equal(upd, (base.double() + 0.5 * (whole / total)).float())
+    ref = float64_reference(pays, [x / total for x in n], numel)
+    torch.testing.assert_close(mean.double(), ref, rtol=1e-6, atol=1e-9)
+
+
+def test_streaming_accumulator_bad_input():
+    with pytest.raises(ValueError, match="group"):
+        ops.SparseAccumulator(10, group=0)
+    acc = ops.SparseAccumulator(10)
+    with pytest.raises(ValueError, match="divisor"):
+        acc.result(divisor=0.0)
+
+
+def test_opcheck_accumulate_mode():
+    idx = torch.tensor([1, 4, 7])
+    val = torch.randn(3)
+    torch.library.opcheck(torch.ops.sparsefl.sparse_aggregate.default,
+                          ([idx], [val], [0.5], torch.zeros(10, dtype=torch.float64), None,
+                           1.0, "auto"))

@@ -2,6 +2,7 @@
 // C++ CPU backend; the definition is sparsefl/ops/reference/aggregate.py.
 //
 //   out[j] = base[j] + lr * sum_c w_c * v_c[j]      (base omitted: 0)
+//   out[j] = out[j] + sum_c w_c * v_c[j]            (float64 out: accumulate mode)
 //
 // Tiled merge: the output is cut into tiles of kTile elements.  Each tile owns a float64
 // accumulator that fits in L2; for every client in the fixed order 0..C-1 it walks that
@@ -127,9 +128,16 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
   TORCH_CHECK_VALUE(indices.size() == C && weights.size() == C, "sparsefl.aggregate: ",
                     indices.size(), " index tensors, ", C, " value tensors and ",
                     weights.size(), " weights");
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.scalar_type() == at::kFloat &&
+  // float64 out = accumulate mode: out += sum_c w_c v_c (a streaming server's running sum;
+  // merging the clients in several calls then gives the bits of one call over all of them,
+  // since each element's sum is the same float64 additions in the same client order).
+  const bool accumulate = out.scalar_type() == at::kDouble;
+  TORCH_CHECK_VALUE(out.device().is_cpu() && (out.scalar_type() == at::kFloat || accumulate) &&
                         out.is_contiguous() && out.dim() == 1,
-                    "sparsefl.aggregate: out must be a contiguous 1-D float32 CPU tensor");
+                    "sparsefl.aggregate: out must be a contiguous 1-D float32 (or float64, to "
+                    "accumulate) CPU tensor");
+  TORCH_CHECK_VALUE(!accumulate || (!base.has_value() && lr == 1.0),
+                    "sparsefl.aggregate: a float64 out accumulates; base and lr do not apply");
   const int64_t numel = out.numel();
   const float* basep = nullptr;
   if (base.has_value()) {
@@ -170,10 +178,10 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
     cl.idx64 = iv.scalar_type() == at::kLong;
     cl.dense = false;
   }
-  // When out is base (an in-place server update), validate everything before writing, so
-  // a bad payload leaves the model untouched.  Otherwise validation rides along with the
+  // When out is base (an in-place server update) or an accumulator, validate everything
+  // before writing, so a bad payload leaves the model (the running sum) untouched.  Otherwise validation rides along with the
   // merge (one read of the payloads instead of two) and out is undefined on error.
-  const bool in_place = basep != nullptr && basep == out.data_ptr<float>();
+  const bool in_place = accumulate || (basep != nullptr && basep == out.data_ptr<float>());
   if (in_place) {
     at::parallel_for(0, static_cast<int64_t>(C), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) validate(clients[c], numel, c);
@@ -181,7 +189,8 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
   }
 
   const int64_t tiles = (numel + kTile - 1) / kTile;
-  float* outp = out.data_ptr<float>();
+  float* outp = accumulate ? nullptr : out.data_ptr<float>();
+  double* accp = accumulate ? out.data_ptr<double>() : nullptr;
   std::vector<Range> ranges;
   std::mutex mu;
   bool bad_any = false;
@@ -196,7 +205,8 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t t0 = t * kTile;
       const int64_t len = std::min(kTile, numel - t0);
-      std::fill(acc.begin(), acc.begin() + len, 0.0);
+      if (accp) std::copy(accp + t0, accp + t0 + len, acc.begin());
+      else std::fill(acc.begin(), acc.begin() + len, 0.0);
       for (size_t c = 0; c < C; ++c) {
         const Client& cl = clients[c];
         dispatch_float_dtype(cl.vdtype, "sparsefl.aggregate", [&](auto tag) {
@@ -214,7 +224,13 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
         });
       }
       bool finite = true;
-      for (int64_t j = 0; j < len; ++j) {
+      if (accp) {
+        for (int64_t j = 0; j < len; ++j) {
+          finite &= std::isfinite(acc[j]);
+          accp[t0 + j] = acc[j];
+        }
+      }
+      for (int64_t j = 0; outp && j < len; ++j) {
         const double b = basep ? static_cast<double>(basep[t0 + j]) : 0.0;
         const double x = b + lr * acc[j];
         finite &= std::isfinite(acc[j]);

@@ -3,8 +3,9 @@
 The optimizer is built fresh each round (no state crosses rounds, as in FedAvg).  The
 minibatch order comes from `gen`, seeded per (run seed, round, client), so a resumed
 run draws exactly the same batches.  Phase times: "sam" is the time inside the SAM
-family's ascent and descent calls (perturb, exact restore and the base step); the rest
-of the loop is "compute".
+family's ascent and descent calls (perturb, exact restore and the base step);
+"act_prune" is SparsyFed's activation pruning inside forward/backward (top-k compress of
+each layer input, expansion for the weight gradient); the rest of the loop is "compute".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 from sparsefl.fl.config import ClientSection
 from sparsefl.fl.timers import Timers
+from sparsefl.nn.powerprop import ACT_PRUNE_SECONDS
 from sparsefl.optim import ASAM, SAM, AgnosticSAM
 
 
@@ -59,7 +61,7 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
 
     model.train()
     total, steps = 0.0, 0
-    t_start, sam_time = time.perf_counter(), 0.0
+    t_start, sam_time, act_start = time.perf_counter(), 0.0, ACT_PRUNE_SECONDS[0]
     for _ in range(cfg.epochs):
         for b in _batches(n, cfg.batch_size, gen):
             xb, yb = x[b], y[b]
@@ -101,6 +103,8 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
                 after_step()
             total += float(loss.detach())
             steps += 1
+    act = ACT_PRUNE_SECONDS[0] - act_start
     timers.add("sam", sam_time)
-    timers.add("compute", time.perf_counter() - t_start - sam_time)
+    timers.add("act_prune", act)
+    timers.add("compute", time.perf_counter() - t_start - sam_time - act)
     return total / max(steps, 1)

@@ -6,9 +6,11 @@ A round t (1-based):
      and decoded into the worker model; bytes_down = K * len(payload);
   3. each client: load, `sparsifier.begin_client`, local training, `sparsifier.select`
      (global top-k through sparsefl.ops), encode (uplink bytes counted as sent);
-  4. server: decode every payload (validated), `ops.sparse_aggregate` with weights
-     n_k / sum(n) into the clients' mean, the server optimizer, the sparsifier's server
-     hook (FLASH's mask), SWA collection at cycle ends;
+  4. server: decode each payload as it arrives (validated) and stream it into an
+     `ops.SparseAccumulator` (weight n_k; float64 running sum, at most `group` payloads
+     held, so server memory does not grow with the number of clients); the mean is the
+     sum / sum(n); then the server optimizer, the sparsifier's server hook (FLASH's mask),
+     SWA collection at cycle ends;
   5. metrics, then a checkpoint of everything a resume needs.
 
 Nothing random is drawn from global RNG state: model init, partition, client sampling
@@ -45,6 +47,9 @@ from sparsefl.nn import layer_sparsity
 
 log = logging.getLogger("sparsefl")
 FAULTS = ("raised", "timeout", "undecodable", "nonfinite", "norm")
+# Payloads merged per tiled-aggregation call: larger groups amortise the pass over the
+# running sum, smaller ones hold fewer payloads (server memory: 8 B/param + group payloads).
+AGGREGATE_GROUP = 16
 
 
 def derive_seed(*parts: int) -> int:
@@ -214,7 +219,10 @@ class Simulation:
         sent_up = sent_down = contacted = 0
         for attempt in range(cfg.server.max_retries + 1):
             chosen = self.sample(rnd, attempt)
-            good = []
+            # Payloads are merged as they arrive and dropped: only what the round's
+            # bookkeeping needs is kept per client (ClientUpdate minus payload and selection).
+            acc = ops.SparseAccumulator(layout.numel, group=AGGREGATE_GROUP)
+            good: list[dict[str, Any]] = []
             for cid in chosen:
                 contacted += 1
                 sent_down += len(down)
@@ -224,7 +232,14 @@ class Simulation:
                 if why is not None:
                     faults[why] += 1
                 elif up is not None:
-                    good.append((up, pair))
+                    with timers("aggregate"):
+                        acc.add(pair, up.num_examples)
+                    good.append({"client": up.client, "n": up.num_examples,
+                                 "loss": up.train_loss, "activated": up.activated,
+                                 "deactivated": up.deactivated,
+                                 "kept": None if up.selection is None else
+                                 {k: len(v) for k, v in up.selection.items()}})
+                del up, pair
             if len(good) >= cfg.server.min_clients:
                 break
             log.warning("round %d: only %d of %d updates usable (server.min_clients = %d); "
@@ -235,18 +250,13 @@ class Simulation:
                                f"{cfg.server.max_retries} retries; the last checkpoint holds "
                                "the model of the previous round")
 
-        ups = [u for u, _ in good]
-        weights = [u.num_examples for u in ups]
-        selections = [u.selection for u in ups if u.selection is not None]
-        losses = [u.train_loss for u in ups]
-        activated = sum(u.activated for u in ups)
-        deactivated = sum(u.deactivated for u in ups)
+        kept = [g["kept"] for g in good if g["kept"] is not None]
+        activated = sum(g["activated"] for g in good)
+        deactivated = sum(g["deactivated"] for g in good)
         with timers("aggregate"):
-            total = float(sum(weights))
-            mean = ops.sparse_aggregate([p for _, p in good], [w / total for w in weights],
-                                        numel=layout.numel)
+            mean = acc.result(divisor=float(sum(g["n"] for g in good)))
             new = self.server.step(self.global_flat, mean, self.buffer_mask)
-            new = self.sparsifier.after_aggregate(layout, new, selections, rnd)
+            new = self.sparsifier.after_aggregate(layout, new, kept, rnd)
         prunable = self.prunable_mask
         old_nz, new_nz = self.global_flat[prunable] != 0, new[prunable] != 0
         self.global_flat = new
@@ -255,12 +265,12 @@ class Simulation:
             self.swa.collect(new)
 
         rec: dict[str, Any] = {
-            "round": rnd, "lr": lr, "clients": [u.client for u in ups],
-            "train_loss": float(np.mean(losses)),
+            "round": rnd, "lr": lr, "clients": [g["client"] for g in good],
+            "train_loss": float(np.mean([g["loss"] for g in good])),
             "bytes_up": sent_up, "bytes_down": sent_down,
             "dense_bytes": 4 * layout.numel * contacted,
-            "activated": activated / max(len(ups), 1),
-            "deactivated": deactivated / max(len(ups), 1),
+            "activated": activated / max(len(good), 1),
+            "deactivated": deactivated / max(len(good), 1),
             "dropped": faults, "retries": attempt,
             "mask_growth": int((new_nz & ~old_nz).sum()),
         }

@@ -47,9 +47,12 @@ class Sparsifier:
         """Local indices to send per prunable entry (None: every non-zero, i.e. dense)."""
         return None
 
-    def after_aggregate(self, layout: Layout, flat: Tensor, selections: list[dict[str, Tensor]],
+    def after_aggregate(self, layout: Layout, flat: Tensor, kept: list[dict[str, int]],
                         rnd: int) -> Tensor:
-        """Server side, on the new global model; returns it (possibly masked)."""
+        """Server side, on the new global model; returns it (possibly masked).
+
+        kept: per usable client, how many entries of each prunable tensor it sent (the
+        server streams payloads and does not keep them)."""
         return flat
 
     def state(self) -> dict[str, Tensor]:
@@ -116,12 +119,12 @@ class Flash(TopK):
         return {n: m.nonzero().flatten() for n, m in self.masks.items()}
 
     @torch.no_grad()
-    def after_aggregate(self, layout, flat, selections, rnd):
-        if self.masks or not selections:
+    def after_aggregate(self, layout, flat, kept, rnd):
+        if self.masks or not kept:
             return flat
         flat = flat.clone()
         for e in layout.prunable_entries():
-            density = sum(len(s[e.name]) for s in selections) / (len(selections) * e.numel)
+            density = sum(k[e.name] for k in kept) / (len(kept) * e.numel)
             piece = flat[e.offset:e.offset + e.numel]
             mask = ops.topk_mask(piece, density)
             piece.mul_(mask)

@@ -6,7 +6,8 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-PHASES = ("compute", "sam", "prune", "encode", "decode", "aggregate", "eval", "personalize")
+PHASES = ("compute", "act_prune", "sam", "prune", "encode", "decode", "aggregate", "eval",
+          "personalize")
 
 
 class Timers:

@@ -15,6 +15,8 @@ forward pass never synchronises with the device.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -62,15 +64,25 @@ def to_omega(theta: Tensor, beta: float) -> Tensor:
     return theta.sign() * theta.abs().pow(1.0 / beta)
 
 
+# Seconds spent compressing and expanding pruned activations, summed over the process:
+# the engine reads it around local training to report activation pruning as its own phase.
+ACT_PRUNE_SECONDS = [0.0]
+
+
 def _save_pruned(ctx, x: Tensor, density: float) -> None:
+    t0 = time.perf_counter()
     idx, val = ops.topk_compress(x.detach(), density)
     ctx.save_for_backward(idx, val)
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
 
 
 def _pruned_input(ctx, idx: Tensor, val: Tensor) -> Tensor:
+    t0 = time.perf_counter()
     flat = torch.zeros(ctx.x_shape.numel(), dtype=ctx.x_dtype, device=val.device)
-    return flat.index_copy_(0, idx, val).view(ctx.x_shape)
+    out = flat.index_copy_(0, idx, val).view(ctx.x_shape)
+    ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
+    return out
 
 
 class _PrunedLinear(torch.autograd.Function):

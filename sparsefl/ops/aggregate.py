@@ -2,6 +2,12 @@
 
     sparse_aggregate(payloads, weights, out=None, base=None, lr=1.0) -> out
         out = base + lr * sum_c weights[c] * payload_c     (dense float32, 1-D)
+        out += sum_c weights[c] * payload_c                  (out float64: accumulate)
+
+    SparseAccumulator(numel, group=16)  -- a streaming server's running sum: add()
+        payloads as they arrive, result() at the end.  Memory: one float64 vector plus at
+        most `group` payloads, whatever the number of clients; bitwise equal to one
+        sparse_aggregate over all the payloads in the same order.
 
 payloads: SparseChunk objects or (indices, values) pairs over one flat index space of
 `numel` elements (taken from out, base or the chunks); indices int64/int32 strictly
@@ -32,6 +38,8 @@ _lib.define("sparse_aggregate(Tensor[] indices, Tensor[] values, float[] weights
 
 def _impl(indices, values, weights, out, base, lr, backend):
     name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=False)
+    if name == "cuda" and out.dtype == torch.float64:
+        name = "reference"  # accumulate mode has no CUDA kernel yet
     if name == "reference":
         _reference.sparse_aggregate(indices, values, weights, out, base, lr)
     else:
@@ -89,11 +97,73 @@ def sparse_aggregate(payloads: Sequence, weights: Sequence[float], out: Tensor |
     if out is None:
         out = torch.empty(n, dtype=torch.float32,
                           device=base.device if base is not None else "cpu")
-    if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
-        raise ValueError("sparsefl.aggregate: out must be a contiguous 1-D float32 tensor")
+    if out.dtype not in (torch.float32, torch.float64) or out.dim() != 1 \
+            or not out.is_contiguous():
+        raise ValueError("sparsefl.aggregate: out must be a contiguous 1-D float32 tensor "
+                         "(or float64, to accumulate into it)")
+    if out.dtype == torch.float64 and (base is not None or lr != 1.0):
+        raise ValueError("sparsefl.aggregate: a float64 out accumulates; base and lr do not "
+                         "apply")
     if base is not None and (base.dtype != torch.float32 or base.dim() != 1):
         raise ValueError("sparsefl.aggregate: base must be a 1-D float32 tensor")
     torch.ops.sparsefl.sparse_aggregate(indices, values, weights, out,
                                         None if base is None else base.contiguous(), float(lr),
                                         _backend.requested(backend))
     return out
+
+
+class SparseAccumulator:
+    """Streaming weighted sum of sparse payloads: what a server needs when clients arrive
+    one by one and must not all be held at once.
+
+    `add(payload, weight)` keeps the payload until `group` are buffered, then merges them
+    with one tiled `sparse_aggregate` into a float64 running sum (accumulate mode) and
+    drops them.  Every element still sums its contributions in arrival order in float64,
+    so the result is bitwise the same for any `group`, and equal to one sparse_aggregate
+    over all payloads.  Peak memory: 8 bytes per element plus `group` payloads.
+    A bad payload raises ValueError at the merge that includes it and leaves the running
+    sum as it was before that merge (the payloads of that group are dropped).
+    """
+
+    def __init__(self, numel: int, group: int = 16, device: torch.device | str = "cpu",
+                 backend: str | None = None) -> None:
+        if numel < 0 or group < 1:
+            raise ValueError(f"sparsefl.SparseAccumulator: numel must be >= 0 and group >= 1, "
+                             f"got {numel} and {group}")
+        self.numel, self.group, self.backend = numel, group, backend
+        self.sum = torch.zeros(numel, dtype=torch.float64, device=device)
+        self.count = 0
+        self._pending: list = []
+        self._weights: list[float] = []
+
+    def add(self, payload, weight: float) -> None:
+        self._pending.append(payload)
+        self._weights.append(float(weight))
+        self.count += 1
+        if len(self._pending) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, weights = self._pending, self._weights
+        self._pending, self._weights = [], []
+        sparse_aggregate(pending, weights, out=self.sum, backend=self.backend)
+
+    def result(self, divisor: float = 1.0, base: Tensor | None = None, lr: float = 1.0,
+               out: Tensor | None = None) -> Tensor:
+        """float32 `base + lr * (sum / divisor)` (base omitted: 0), rounded once.
+
+        divisor: e.g. the total weight, for a weighted mean of unnormalised weights."""
+        if not (math.isfinite(divisor) and divisor != 0):
+            raise ValueError(f"sparsefl.SparseAccumulator: divisor must be finite and "
+                             f"non-zero, got {divisor}")
+        self.flush()
+        x = self.sum / divisor  # one float64 temporary; the rest is in place
+        if lr != 1.0:
+            x.mul_(lr)
+        if base is not None:
+            x.add_(base)  # float32 base promoted per element: bitwise base.double() + x
+        if out is None:
+            return x.float()
+        return out.copy_(x)

@@ -1,6 +1,7 @@
 """Reference (plain torch, float64) for sparse aggregation: the oracle of every backend.
 
     out = base + lr * sum_c w_c * v_c      (v_c scattered at indices_c; base omitted: 0)
+    out = out + sum_c w_c * v_c            (out float64: accumulate mode, base None, lr 1)
 
 Accumulated in float64, client by client in the given order, rounded once to float32.
 A payload with an empty index tensor and numel values is dense.  Indices must be strictly
@@ -44,13 +45,21 @@ def sparse_aggregate(indices: Sequence[Tensor], values: Sequence[Tensor],
                      weights: Sequence[float], out: Tensor, base: Tensor | None,
                      lr: float) -> None:
     numel = out.numel()
+    accumulate = out.dtype == torch.float64
+    if accumulate and (base is not None or lr != 1.0):
+        raise ValueError("sparsefl.aggregate: a float64 out accumulates; base and lr do not "
+                         "apply")
     validate(indices, values, weights, numel)
-    acc = torch.zeros(numel, dtype=torch.float64, device=out.device)
+    acc = out.clone() if accumulate else torch.zeros(numel, dtype=torch.float64,
+                                                     device=out.device)
     for idx, val, w in zip(indices, values, weights):
         contrib = w * val.double()
         if idx.numel() == 0 and val.numel() == numel:
             acc += contrib
         else:
             acc.index_add_(0, idx.long(), contrib)
+    if accumulate:
+        out.copy_(acc)
+        return
     start = base.double() if base is not None else torch.zeros_like(acc)
     out.copy_((start + lr * acc).float())
