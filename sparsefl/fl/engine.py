@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ FAULTS = ("raised", "timeout", "undecodable", "nonfinite", "norm")
 # Payloads merged per tiled-aggregation call: larger groups amortise the pass over the
 # running sum, smaller ones hold fewer payloads (server memory: 8 B/param + group payloads).
 AGGREGATE_GROUP = 16
+RemoteClients = Callable[[list[int], bytes, int, float], dict[int, Any]]
 
 
 def derive_seed(*parts: int) -> int:
@@ -169,17 +171,26 @@ class Simulation:
 
     def _receive(self, cid: int, rnd: int, received: Tensor, down_ref: list[Tensor | None],
                  lr: float, timers: Timers) -> tuple[ClientUpdate | None, Any, str | None]:
-        """Run one client and check what the server gets: (update, flat pair, fault)."""
-        cfg, layout = self.cfg.server, self.layout
+        """Run one client in process and check what the server gets."""
         t0 = time.perf_counter()
         try:
             up = self.client_update(cid, rnd, received, down_ref, lr, timers)
         except Exception as e:  # a failing client is dropped from the round, never fatal
-            log.warning("round %d: client %d raised %r; dropped", rnd, cid, e)
+            return self._accept(cid, rnd, e, received, down_ref, timers)
+        return self._accept(cid, rnd, up, received, down_ref, timers,
+                            time.perf_counter() - t0)
+
+    def _accept(self, cid: int, rnd: int, up: ClientUpdate | BaseException | None,
+                received: Tensor, down_ref: list[Tensor | None], timers: Timers,
+                elapsed: float = 0.0) -> tuple[ClientUpdate | None, Any, str | None]:
+        """Server-side checks of one client's reply: (update, flat pair, fault)."""
+        cfg, layout = self.cfg.server, self.layout
+        if isinstance(up, BaseException):
+            log.warning("round %d: client %d raised %r; dropped", rnd, cid, up)
             return None, None, "raised"
         if up is None:
             return None, None, None
-        if cfg.client_timeout and time.perf_counter() - t0 > cfg.client_timeout:
+        if cfg.client_timeout and elapsed > cfg.client_timeout:
             log.warning("round %d: client %d took longer than server.client_timeout; dropped",
                         rnd, cid)
             return up, None, "timeout"
@@ -203,7 +214,11 @@ class Simulation:
                 return up, None, "norm"
         return up, pair, None
 
-    def step(self) -> dict[str, Any]:
+    def step(self, remote: RemoteClients | None = None) -> dict[str, Any]:
+        """One round.  `remote(cids, down_payload, rnd, lr)`, when given, runs the chosen
+        clients elsewhere (e.g. on Flower nodes) and returns {cid: ClientUpdate, an
+        exception, or None}; everything else -- sampling, checks, aggregation, server
+        step -- is this same code, so a remote round equals an in-process one."""
         cfg, layout, timers = self.cfg, self.layout, Timers()
         rnd = self.round + 1
         t_round = time.perf_counter()
@@ -223,10 +238,15 @@ class Simulation:
             # bookkeeping needs is kept per client (ClientUpdate minus payload and selection).
             acc = ops.SparseAccumulator(layout.numel, group=AGGREGATE_GROUP)
             good: list[dict[str, Any]] = []
+            replies = remote(chosen, down, rnd, lr) if remote is not None else None
             for cid in chosen:
                 contacted += 1
                 sent_down += len(down)
-                up, pair, why = self._receive(cid, rnd, received, down_ref, lr, timers)
+                if replies is None:
+                    up, pair, why = self._receive(cid, rnd, received, down_ref, lr, timers)
+                else:
+                    up, pair, why = self._accept(cid, rnd, replies.get(cid), received,
+                                                 down_ref, timers)
                 if up is not None:
                     sent_up += len(up.payload)
                 if why is not None:
@@ -317,14 +337,17 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
 
 def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool = False,
         progress: bool = True, dataset: fldata.Dataset | None = None,
-        stop_after: int | None = None) -> History:
+        stop_after: int | None = None, remote: RemoteClients | None = None) -> History:
     """Run (or resume) a simulation; with run_dir, writes config.toml, metrics.jsonl and
-    a checkpoint per round.  `stop_after` ends early after that round (tests, crashes)."""
+    a checkpoint per round.  `stop_after` ends early after that round (tests, crashes);
+    `remote` runs the clients elsewhere (see Simulation.step; sparsefl.flower uses it)."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if cfg.decentralized.strategy != "none":
         from sparsefl.fl.decentralized import DecentralizedSimulation
 
+        if remote is not None:
+            raise ValueError("remote clients are for server-based runs, not decentralized ones")
         sim: Any = DecentralizedSimulation(cfg, dataset)
     else:
         sim = Simulation(cfg, dataset)
@@ -352,7 +375,7 @@ def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool
                    dynamic_ncols=True)
     try:
         while sim.round < cfg.run.rounds:
-            rec = sim.step()
+            rec = sim.step(remote) if remote is not None else sim.step()
             history.rounds.append(rec)
             if out is not None:
                 with open(out / "metrics.jsonl", "a") as f:
