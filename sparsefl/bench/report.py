@@ -1,9 +1,11 @@
-"""Workloads and the markdown table every benchmark prints."""
+"""Workloads, the markdown table every benchmark prints, and saving a run's outputs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sparsefl.bench.timing import Timing
 
@@ -36,3 +38,17 @@ def report(results: dict[str, Timing], workloads: list[Workload], n: int,
         rows.append(f"| {name} | {t.median_s * 1e3:.2f} | {t.iqr_s * 1e3:.2f} | {ratio} | "
                     f"{bpp} | {gbs} | {share} |")
     return "\n".join(rows)
+
+
+def write_outputs(out_dir: str | None, stem: str, res: dict, text: str,
+                  plot: Callable[[dict, Path], Path]) -> str:
+    """Save a benchmark's raw result, table and figure as stem.json/.md/.png in out_dir
+    (when given); returns the table text, with the written paths appended."""
+    if not out_dir:
+        return text
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (d / f"{stem}.md").write_text(text + "\n")
+    plot(res, d / f"{stem}.png")
+    return text + f"\n\nwritten: {d / f'{stem}.json'}, {d / f'{stem}.md'}, {d / f'{stem}.png'}"

@@ -12,7 +12,6 @@ eval.  Everything but compute is "FL machinery".
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from sparsefl import data as fldata
 from sparsefl import fl
+from sparsefl.bench.report import write_outputs
 from sparsefl.fl.engine import Simulation
 from sparsefl.fl.timers import PHASES
 
@@ -127,12 +127,4 @@ def plot(res: dict[str, Any], path: Path) -> Path:
 def main(model: str, clients: int, per_client: int, rounds: int, threads: int,
          out_dir: str | None) -> str:
     res = run(model, clients, per_client, rounds, threads=threads)
-    text = table(res)
-    if out_dir:
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "round.json").write_text(json.dumps(res, indent=1))
-        (d / "round.md").write_text(text + "\n")
-        plot(res, d / "round.png")
-        text += f"\n\nwritten: {d / 'round.json'}, {d / 'round.md'}, {d / 'round.png'}"
-    return text
+    return write_outputs(out_dir, "round", res, table(res), plot)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sparsefl import ops
+from sparsefl.bench.report import write_outputs
 from sparsefl.bench.timing import measure, measure_interleaved
 
 RESNET18 = 11_173_962
@@ -258,12 +259,4 @@ def main(out_dir: str | None, quick: bool = False, threads: int = 2) -> str:
         kw.update(sizes=(200_000, 1_000_000), clients=(4, 16), client_n=500_000,
                   memory_n=1_000_000, rounds=2)
     res = run(**kw, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    text = table(res)
-    if out_dir:
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "scaling.json").write_text(json.dumps(res, indent=1))
-        (d / "scaling.md").write_text(text + "\n")
-        plot(res, d / "scaling.png")
-        text += f"\n\nwritten: {d / 'scaling.json'}, {d / 'scaling.md'}, {d / 'scaling.png'}"
-    return text
+    return write_outputs(out_dir, "scaling", res, table(res), plot)
