@@ -179,8 +179,9 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
     cl.dense = false;
   }
   // When out is base (an in-place server update) or an accumulator, validate everything
-  // before writing, so a bad payload leaves the model (the running sum) untouched.  Otherwise validation rides along with the
-  // merge (one read of the payloads instead of two) and out is undefined on error.
+  // before writing, so a bad payload leaves the model (the running sum) untouched.
+  // Otherwise validation rides along with the merge (one read of the payloads instead of
+  // two) and out is undefined on error.
   const bool in_place = accumulate || (basep != nullptr && basep == out.data_ptr<float>());
   if (in_place) {
     at::parallel_for(0, static_cast<int64_t>(C), 1, [&](int64_t lo, int64_t hi) {

@@ -15,8 +15,9 @@
 //
 // Determinism: work is cut into fixed-size blocks that do not depend on the thread
 // count.  Each block sums squares in 16 float64 lanes and stores one double per block;
-// block partials are added in block order.  The same input gives the same bits for any number of threads and for
-// the AVX2 and baseline clones alike (the lane layout is fixed in the source).
+// block partials are added in block order.  The same input gives the same bits for any
+// number of threads and for the AVX2 and baseline clones alike (the lane layout is fixed
+// in the source).
 //
 // A non-finite norm (NaN/Inf gradients, e.g. an overflowed AMP step) does not perturb:
 // out = w exactly, and the non-finite norm is returned so the caller can see it.

@@ -26,6 +26,7 @@ import torch
 
 from sparsefl import ops
 from sparsefl.bench.report import write_outputs
+from sparsefl.bench.sparse import copy_workload, index_add_aggregate
 from sparsefl.bench.timing import measure, measure_interleaved
 
 RESNET18 = 11_173_962
@@ -43,25 +44,18 @@ def payload(n: int, density: float, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def copy_gbs(n: int = RESNET18, rounds: int = 10) -> float:
-    src, dst = torch.randn(n), torch.empty(n)
-    return 8 * n / measure(lambda: dst.copy_(src), rounds=rounds).median_s / 1e9
+    copy = copy_workload(n)  # the same copy row as the other tables, 8 B/param
+    return copy.bytes_moved / measure(copy.fn, rounds=rounds).median_s / 1e9
 
 
 def _aggregate_point(n: int, C: int, rounds: int, eager: bool) -> dict[str, Any]:
     pays = [payload(n, DENSITY, seed=1000 * C + c) for c in range(C)]
     w = [1.0 / C] * C
     base, out = torch.randn(n), torch.empty(n)
-    idx64 = [i.long() for i, _ in pays] if eager else None
-
-    def index_add_loop():
-        acc = torch.zeros(n)
-        for i, (_, v), ww in zip(idx64, pays, w):
-            acc.index_add_(0, i, v * ww)
-        return base + acc
-
     fns = {"fused": lambda: ops.sparse_aggregate(pays, w, out=out, base=base)}
     if eager:
-        fns["eager"] = index_add_loop
+        pays64 = [(i.long(), v) for i, v in pays]
+        fns["eager"] = lambda: index_add_aggregate(pays64, w, base)
     res = measure_interleaved(fns, rounds=rounds, warmup=1)
     entries = sum(i.numel() for i, _ in pays)
     return {"n": n, "clients": C, "entries": entries,

@@ -17,7 +17,7 @@ from sparsefl.bench.sam import make_tensors, resnet18_shapes
 from sparsefl.bench.timing import measure_interleaved
 
 
-def _copy(n: int) -> Workload:
+def copy_workload(n: int) -> Workload:
     src, dst = torch.randn(n), torch.empty(n)
     return Workload("copy (x.copy_)", lambda: dst.copy_(src), 8 * n, None)
 
@@ -31,7 +31,7 @@ def topk_workloads(seed: int = 0) -> tuple[list[Workload], int]:
         thr = torch.topk(flat, ops.keep_count(n, density), sorted=False).values.min()
         return [x.abs() >= thr for x in xs]
 
-    out = [_copy(n)]
+    out = [copy_workload(n)]
     for d in (0.05, 0.01):
         out.append(Workload(f"top-k mask {d:.0%} eager (torch.topk)",
                             lambda d=d: eager(d), None, None))
@@ -45,7 +45,7 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
     n = sum(torch.Size(s).numel() for s in resnet18_shapes())
     g = torch.Generator().manual_seed(seed)
     base, out = torch.randn(n), torch.empty(n)
-    work = [_copy(n)]
+    work = [copy_workload(n)]
     for C, d in cases:
         k = int(n * d)
         pays = [(torch.sort(torch.randperm(n, generator=g)[:k]).values,
@@ -54,10 +54,7 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
         w = [1.0 / C] * C
 
         def eager(pays=pays, w=w):
-            acc = torch.zeros(n)
-            for (i, v), ww in zip(pays, w):
-                acc.index_add_(0, i, v * ww)
-            return base + acc
+            return index_add_aggregate(pays, w, base)
 
         name = f"aggregate {C} clients x {d:.0%}"
         work.append(Workload(f"{name} eager (index_add_)", eager, None, None))
@@ -68,6 +65,15 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
                              lambda p=pays32, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
                              C * k * 8 + 8 * n, f"{name} eager (index_add_)"))
     return work, n
+
+
+def index_add_aggregate(pays, weights, base: torch.Tensor) -> torch.Tensor:
+    """The eager baseline: a float32 accumulator, one index_add_ per client (int64
+    indices), then base + acc -- how FL code aggregates sparse updates in plain torch."""
+    acc = torch.zeros_like(base)
+    for (i, v), w in zip(pays, weights):
+        acc.index_add_(0, i, v * w)
+    return base + acc
 
 
 def codec_table(seed: int = 0) -> str:
