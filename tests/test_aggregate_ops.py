@@ -242,3 +242,57 @@ def test_opcheck_accumulate_mode():
     torch.library.opcheck(torch.ops.sparsefl.sparse_aggregate.default,
                           ([idx], [val], [0.5], torch.zeros(10, dtype=torch.float64), None,
                            1.0, "auto"))
+
+
+@pytest.fixture
+def portable(monkeypatch):
+    """Runs a call on the portable C++ merge loop instead of the AVX2 one."""
+    def call(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setenv("SPARSEFL_DISABLE_AVX2", "1")
+            return ops.sparse_aggregate(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("numel,density", [(4096 * 3 + 5, 0.3), (100_003, 0.05), (9000, 1.0),
+                                           (4096, 0.9), (50_000, 0.002)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=str)
+def test_avx2_and_portable_merge_give_the_same_bits(portable, numel, density, dtype, idx_dtype):
+    pays = payloads(7, numel, density, 10, dtype, idx_dtype)
+    # runs that start and end exactly on tile edges
+    edges = torch.tensor([0, 4095, 4096, 8191, 8192, numel - 1], dtype=idx_dtype)
+    edges = torch.unique(edges[edges < numel])
+    pays.append((edges, torch.randn(edges.numel()).to(dtype)))
+    weights = torch.rand(len(pays), generator=torch.Generator().manual_seed(11)).tolist()
+    base = torch.randn(numel)
+    for kwargs in ({"base": base, "lr": 0.7}, {"numel": numel}):
+        fast = ops.sparse_aggregate(pays, weights, backend="cpp", **kwargs)
+        slow = portable(pays, weights, backend="cpp", **kwargs)
+        assert torch.equal(fast, slow)
+    acc_fast = torch.randn(numel, dtype=torch.float64)
+    acc_slow = acc_fast.clone()
+    ops.sparse_aggregate(pays, weights, out=acc_fast, backend="cpp")
+    portable(pays, weights, out=acc_slow, backend="cpp")
+    assert torch.equal(acc_fast, acc_slow)
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("pos", [0, 1, 7, 8, 9, 15, 16, 200, 511, 512, 513, 2399])
+def test_avx2_merge_catches_a_bad_index_in_any_lane(portable, idx_dtype, pos):
+    """The vector scan checks 8 (int32) or 4 (int64) indices per compare: a bad index in
+    any lane, and across block edges, must be caught by both loops, never written."""
+    numel = 20_000
+    idx = torch.arange(0, numel, 8, dtype=idx_dtype)[:2400]  # 512 per 4096-element tile
+    val = torch.ones(idx.numel())
+    for bad_value in (int(idx[pos - 1]) if pos else -1,  # duplicate of its left neighbour
+                      int(idx[pos - 1]) - 1 if pos else -5,  # below its left neighbour
+                      numel, 2**31 - 1):                  # out of range
+        bad = idx.clone()
+        bad[pos] = bad_value
+        for call in (ops.sparse_aggregate, portable):
+            base = torch.randn(numel)
+            keep = base.clone()
+            with pytest.raises(ValueError, match="aggregate"):
+                call([(idx, val), (bad, val)], [1.0, 1.0], out=base, base=base, backend="cpp")
+            assert torch.equal(base, keep)

