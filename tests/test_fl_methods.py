@@ -168,7 +168,7 @@ def test_bytes_are_the_encoded_payloads():
     assert rec["bytes_down"] == len(down) * len(rec["clients"])
 
 
-def test_compact_flat_pair_is_int32_with_the_same_entries():
+def test_compact_and_tiled_payloads_have_the_same_entries():
     sim = sim_for("sparsity.method=topk", "sparsity.sparsity=0.8")
     sim.step()
     chunks = wire.decode(sim.layout, wire.encode(wire.chunks_from_flat(sim.layout,
@@ -177,5 +177,8 @@ def test_compact_flat_pair_is_int32_with_the_same_entries():
         wire.to_flat_pair(sim.layout, chunks, compact=True)
     assert wide[0].dtype == torch.int64 and compact[0].dtype == torch.int32
     assert torch.equal(wide[0], compact[0].long()) and torch.equal(wide[1], compact[1])
-    assert torch.equal(ops.sparse_aggregate([wide], [1.0], numel=sim.layout.numel),
-                       ops.sparse_aggregate([compact], [1.0], numel=sim.layout.numel))
+    want = ops.sparse_aggregate([wide], [1.0], numel=sim.layout.numel)
+    assert torch.equal(want, ops.sparse_aggregate([compact], [1.0], numel=sim.layout.numel))
+    # and the tiled form the engine's server merges
+    tiled = ops.tile_payload(*compact, sim.layout.numel)
+    assert torch.equal(want, ops.sparse_aggregate([tiled], [1.0]))

@@ -52,9 +52,10 @@ namespace {
 constexpr int64_t kTile = 1 << 12;  // 32 KiB of doubles per tile: the accumulator stays in L1
 
 struct Client {
-  const void* idx;  // int64 or int32 (may be null when nnz == 0)
+  const void* idx;  // int64 or int32 flat indices, or int16 tile-local ones (may be null)
   bool idx64;
   bool dense;       // no index tensor: nnz == numel values in order
+  const int32_t* tp;  // tiled: tp[t]..tp[t+1] is tile t's run, idx[k] = j - t * kTile
   const void* val;
   at::ScalarType vdtype;
   int64_t nnz;
@@ -89,9 +90,25 @@ int64_t non_finite(const T* v, int64_t n) {
   return bad;
 }
 
+// A tiled client's run of tile t, [tp[t], tp[t+1]), holds int16 offsets into the tile:
+// strictly ascending in [0, len).  As int16 compares: first >= 0, ascending, last < len.
+bool run16_ok(const int16_t* l, int64_t s, int64_t e, int64_t len) {
+  if (s == e) return true;
+  int64_t unordered = 0;
+  for (int64_t k = s + 1; k < e; ++k) unordered += l[k] <= l[k - 1];
+  return unordered == 0 && l[s] >= 0 && l[e - 1] < len;
+}
+
 // Validates one client's payload: sorted, in range, finite.  Throws ValueError.
 void validate(const Client& c, int64_t numel, size_t which) {
-  if (!c.dense) {
+  if (c.tp) {  // offsets were checked when the client was read; the runs are checked here
+    const int64_t tiles = (numel + kTile - 1) / kTile;
+    for (int64_t t = 0; t < tiles; ++t)
+      TORCH_CHECK_VALUE(run16_ok(static_cast<const int16_t*>(c.idx), c.tp[t], c.tp[t + 1],
+                                 std::min(kTile, numel - t * kTile)),
+                        "sparsefl.aggregate: payload ", which, " local indices of tile ", t,
+                        " are not strictly ascending in [0, tile length)");
+  } else if (!c.dense) {
     const bool ok = c.idx64 ? indices_ok(static_cast<const int64_t*>(c.idx), c.nnz, numel)
                             : indices_ok(static_cast<const int32_t*>(c.idx), c.nnz, numel);
     TORCH_CHECK_VALUE(ok, "sparsefl.aggregate: payload ", which, " indices are not strictly "
@@ -132,6 +149,23 @@ int64_t add_tile(double* acc, const I* idx, const T* val, int64_t i, int64_t nnz
   prev = p;
   bad |= b;
   return i;
+}
+
+// The tiled counterpart: adds a run of tile-local indices l[s..e) (tile length len);
+// `bad` unless they ascend strictly in [0, len).  The mask keeps even a bad run in the tile.
+template <typename T>
+void add_tiled(double* acc, const int16_t* l, const T* val, int64_t s, int64_t e, int64_t len,
+               double w, bool& bad) {
+  if (s == e) return;
+  int32_t p = -1;
+  bool b = false;
+  for (int64_t k = s; k < e; ++k) {
+    const int32_t j = l[k];
+    b |= j <= p;
+    p = j;
+    acc[j & (kTile - 1)] += w * static_cast<double>(val[k]);
+  }
+  bad |= b || p >= len;
 }
 
 // out[j] = float(base[j] + lr * acc[j]) (base 0 when absent); false if some acc[j] is not
@@ -251,6 +285,35 @@ __attribute__((target("avx2"))) int64_t add_tile_avx2(double* acc, const I* idx,
   return stop;
 }
 
+// True iff l[s..e) ascends strictly (as int16), 16 compares per instruction.
+__attribute__((target("avx2"))) bool ascending16(const int16_t* l, int64_t s, int64_t e) {
+  __m256i down = _mm256_setzero_si256();
+  int64_t k = s + 1;
+  for (; k + 16 <= e; k += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + k));
+    const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(l + k - 1));
+    down = _mm256_or_si256(down, _mm256_andnot_si256(_mm256_cmpgt_epi16(v, pv),
+                                                     _mm256_set1_epi32(-1)));
+  }
+  bool ok = _mm256_testz_si256(down, down);
+  for (; k < e; ++k) ok &= l[k] > l[k - 1];
+  return ok;
+}
+
+// The AVX2 counterpart of add_tiled: the run is checked first (ascending from l[s] >= 0 to
+// l[e-1] < len puts every entry in the tile), then added unchecked by add_run.
+template <typename T>
+__attribute__((target("avx2"))) void add_tiled_avx2(double* acc, const int16_t* l,
+                                                    const T* val, int64_t s, int64_t e,
+                                                    int64_t len, double w, bool& bad) {
+  if (s == e) return;
+  if (l[s] < 0 || l[e - 1] >= len || !ascending16(l, s, e)) {
+    bad = true;
+    return;
+  }
+  add_run(acc, reinterpret_cast<const uint16_t*>(l), val, s, e, w);
+}
+
 // finish_tile, 4 elements at a time with the same double operations (the tail is finish_tile).
 __attribute__((target("avx2"))) bool finish_tile_avx2(const double* acc, const float* base,
                                                  float* out, int64_t n, double lr) {
@@ -276,63 +339,26 @@ struct Range {  // one parallel chunk of tiles and where each client entered and
   std::vector<int64_t> first, end;
 };
 
-void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
-                          at::ArrayRef<double> weights, const at::Tensor& out,
-                          const std::optional<at::Tensor>& base, double lr) {
-  const size_t C = values.size();
-  TORCH_CHECK_VALUE(indices.size() == C && weights.size() == C, "sparsefl.aggregate: ",
-                    indices.size(), " index tensors, ", C, " value tensors and ",
-                    weights.size(), " weights");
-  // float64 out = accumulate mode: out += sum_c w_c v_c (a streaming server's running sum;
-  // merging the clients in several calls then gives the bits of one call over all of them,
-  // since each element's sum is the same float64 additions in the same client order).
+// Checks what every client has in common (weight, values) and whether it is dense.
+Client read_values(const at::Tensor& vv, double w, size_t c) {
+  TORCH_CHECK_VALUE(std::isfinite(w), "sparsefl.aggregate: weight ", c, " is not finite");
+  TORCH_CHECK_VALUE(vv.device().is_cpu() && vv.dim() == 1 && vv.is_contiguous(),
+                    "sparsefl.aggregate: values[", c, "] must be a contiguous 1-D CPU tensor");
+  Client cl{};
+  cl.val = vv.data_ptr();
+  cl.vdtype = vv.scalar_type();
+  cl.nnz = vv.numel();
+  cl.w = w;
+  return cl;
+}
+
+// out = base + lr * sum (float32 out) or out += sum (float64 out) over the clients.
+void merge(std::vector<Client>& clients, const at::Tensor& out,
+           const std::optional<at::Tensor>& base, double lr) {
+  const size_t C = clients.size();
   const bool accumulate = out.scalar_type() == at::kDouble;
-  TORCH_CHECK_VALUE(out.device().is_cpu() && (out.scalar_type() == at::kFloat || accumulate) &&
-                        out.is_contiguous() && out.dim() == 1,
-                    "sparsefl.aggregate: out must be a contiguous 1-D float32 (or float64, to "
-                    "accumulate) CPU tensor");
-  TORCH_CHECK_VALUE(!accumulate || (!base.has_value() && lr == 1.0),
-                    "sparsefl.aggregate: a float64 out accumulates; base and lr do not apply");
   const int64_t numel = out.numel();
-  const float* basep = nullptr;
-  if (base.has_value()) {
-    const auto& b = *base;
-    TORCH_CHECK_VALUE(b.device().is_cpu() && b.scalar_type() == at::kFloat &&
-                          b.is_contiguous() && b.dim() == 1 && b.numel() == numel,
-                      "sparsefl.aggregate: base must be a contiguous 1-D float32 CPU tensor "
-                      "with ", numel, " elements");
-    basep = b.data_ptr<float>();
-  }
-  TORCH_CHECK_VALUE(std::isfinite(lr), "sparsefl.aggregate: lr must be finite");
-  std::vector<Client> clients(C);
-  for (size_t c = 0; c < C; ++c) {
-    const auto& iv = indices[c];
-    const auto& vv = values[c];
-    TORCH_CHECK_VALUE(std::isfinite(weights[c]), "sparsefl.aggregate: weight ", c,
-                      " is not finite");
-    TORCH_CHECK_VALUE(vv.device().is_cpu() && vv.dim() == 1 && vv.is_contiguous(),
-                      "sparsefl.aggregate: values[", c, "] must be a contiguous 1-D CPU tensor");
-    Client& cl = clients[c];
-    cl.val = vv.data_ptr();
-    cl.vdtype = vv.scalar_type();
-    cl.nnz = vv.numel();
-    cl.w = weights[c];
-    if (iv.numel() == 0 && vv.numel() == numel && numel > 0) {
-      cl.idx = nullptr;
-      cl.idx64 = true;
-      cl.dense = true;
-      continue;
-    }
-    TORCH_CHECK_VALUE(iv.device().is_cpu() && iv.dim() == 1 && iv.is_contiguous() &&
-                          (iv.scalar_type() == at::kLong || iv.scalar_type() == at::kInt),
-                      "sparsefl.aggregate: indices[", c, "] must be a contiguous 1-D int64 or ",
-                      "int32 CPU tensor");
-    TORCH_CHECK_VALUE(iv.numel() == vv.numel(), "sparsefl.aggregate: payload ", c, " has ",
-                      iv.numel(), " indices and ", vv.numel(), " values");
-    cl.idx = iv.data_ptr();
-    cl.idx64 = iv.scalar_type() == at::kLong;
-    cl.dense = false;
-  }
+  const float* basep = base.has_value() ? base->data_ptr<float>() : nullptr;
   // When out is base (an in-place server update) or an accumulator, validate everything
   // before writing, so a bad payload leaves the model (the running sum) untouched.
   // Otherwise validation rides along with the merge (one read of the payloads instead of
@@ -356,8 +382,8 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
     Range r{lo, hi, std::vector<int64_t>(C), std::vector<int64_t>(C)};
     std::vector<int64_t> prev(C, lo * kTile - 1);
     bool bad = false;
-    for (size_t c = 0; c < C; ++c)  // where each client's indices enter tile `lo`
-      r.first[c] = clients[c].dense ? 0 : lower_bound(clients[c], lo * kTile);
+    for (size_t c = 0; c < C; ++c)  // where each flat client's indices enter tile `lo`
+      r.first[c] = clients[c].dense || clients[c].tp ? 0 : lower_bound(clients[c], lo * kTile);
     std::vector<int64_t> cursor = r.first;
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t t0 = t * kTile;
@@ -373,7 +399,18 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
             for (int64_t j = 0; j < len; ++j) acc[j] += cl.w * static_cast<double>(v[t0 + j]);
             return;
           }
-          const auto merge = [&](const auto* idx) {
+          if (cl.tp) {  // tiled: the run's bounds are given, its indices are tile offsets
+            const int16_t* l = static_cast<const int16_t*>(cl.idx);
+#ifdef SPARSEFL_AGG_AVX2
+            if (simd) {
+              add_tiled_avx2(acc.data(), l, v, cl.tp[t], cl.tp[t + 1], len, cl.w, bad);
+              return;
+            }
+#endif
+            add_tiled(acc.data(), l, v, cl.tp[t], cl.tp[t + 1], len, cl.w, bad);
+            return;
+          }
+          const auto add = [&](const auto* idx) {
 #ifdef SPARSEFL_AGG_AVX2
             if (simd)
               return add_tile_avx2(acc.data(), idx, v, cursor[c], cl.nnz, t0, t0 + len, cl.w,
@@ -382,8 +419,8 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
             return add_tile(acc.data(), idx, v, cursor[c], cl.nnz, t0, t0 + len, cl.w, prev[c],
                             bad);
           };
-          cursor[c] = cl.idx64 ? merge(static_cast<const int64_t*>(cl.idx))
-                               : merge(static_cast<const int32_t*>(cl.idx));
+          cursor[c] = cl.idx64 ? add(static_cast<const int64_t*>(cl.idx))
+                               : add(static_cast<const int32_t*>(cl.idx));
         });
       }
       bool finite = true;
@@ -406,13 +443,14 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
     bad_any |= bad;
     ranges.push_back(std::move(r));
   });
-  // Every entry of every payload was taken exactly once iff the chunks chain up:
-  // each starts where the previous one ended, the first at 0, the last at nnz.
+  // Every entry of every flat payload was taken exactly once iff the chunks chain up:
+  // each starts where the previous one ended, the first at 0, the last at nnz.  (A tiled
+  // payload's offsets say where its runs are; they were checked on the way in.)
   std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
     return a.lo < b.lo;
   });
   for (size_t c = 0; c < C && !bad_any; ++c) {
-    if (clients[c].dense) continue;
+    if (clients[c].dense || clients[c].tp) continue;
     int64_t expect = 0;
     for (const auto& r : ranges) {
       bad_any |= r.first[c] != expect;
@@ -426,13 +464,121 @@ void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
   }
 }
 
+void check_out(const at::Tensor& out, const std::optional<at::Tensor>& base, double lr) {
+  // float64 out = accumulate mode: out += sum_c w_c v_c (a streaming server's running sum;
+  // merging the clients in several calls then gives the bits of one call over all of them,
+  // since each element's sum is the same float64 additions in the same client order).
+  const bool accumulate = out.scalar_type() == at::kDouble;
+  TORCH_CHECK_VALUE(out.device().is_cpu() && (out.scalar_type() == at::kFloat || accumulate) &&
+                        out.is_contiguous() && out.dim() == 1,
+                    "sparsefl.aggregate: out must be a contiguous 1-D float32 (or float64, to "
+                    "accumulate) CPU tensor");
+  TORCH_CHECK_VALUE(!accumulate || (!base.has_value() && lr == 1.0),
+                    "sparsefl.aggregate: a float64 out accumulates; base and lr do not apply");
+  if (base.has_value()) {
+    const auto& b = *base;
+    TORCH_CHECK_VALUE(b.device().is_cpu() && b.scalar_type() == at::kFloat &&
+                          b.is_contiguous() && b.dim() == 1 && b.numel() == out.numel(),
+                      "sparsefl.aggregate: base must be a contiguous 1-D float32 CPU tensor "
+                      "with ", out.numel(), " elements");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(lr), "sparsefl.aggregate: lr must be finite");
+}
+
+bool is_dense(const at::Tensor& iv, const at::Tensor& vv, int64_t numel) {
+  return iv.numel() == 0 && vv.numel() == numel && numel > 0;
+}
+
+void sparse_aggregate_cpu(at::TensorList indices, at::TensorList values,
+                          at::ArrayRef<double> weights, const at::Tensor& out,
+                          const std::optional<at::Tensor>& base, double lr) {
+  const size_t C = values.size();
+  TORCH_CHECK_VALUE(indices.size() == C && weights.size() == C, "sparsefl.aggregate: ",
+                    indices.size(), " index tensors, ", C, " value tensors and ",
+                    weights.size(), " weights");
+  check_out(out, base, lr);
+  const int64_t numel = out.numel();
+  std::vector<Client> clients(C);
+  for (size_t c = 0; c < C; ++c) {
+    const auto& iv = indices[c];
+    const auto& vv = values[c];
+    Client& cl = clients[c] = read_values(vv, weights[c], c);
+    if (is_dense(iv, vv, numel)) {
+      cl.dense = true;
+      continue;
+    }
+    TORCH_CHECK_VALUE(iv.device().is_cpu() && iv.dim() == 1 && iv.is_contiguous() &&
+                          (iv.scalar_type() == at::kLong || iv.scalar_type() == at::kInt),
+                      "sparsefl.aggregate: indices[", c, "] must be a contiguous 1-D int64 or ",
+                      "int32 CPU tensor");
+    TORCH_CHECK_VALUE(iv.numel() == vv.numel(), "sparsefl.aggregate: payload ", c, " has ",
+                      iv.numel(), " indices and ", vv.numel(), " values");
+    cl.idx = iv.data_ptr();
+    cl.idx64 = iv.scalar_type() == at::kLong;
+  }
+  merge(clients, out, base, lr);
+}
+
+// Tiled payloads (sparsefl/ops/tiled.py): offsets[c] (int32, tiles + 1) bounds each tile's
+// run in local[c] (int16 offsets into the tile), so the merge reads 2 bytes per index and
+// needs no search for run ends.  The offsets are checked here (tiles + 1 reads per client);
+// the runs are checked as they are merged.
+void sparse_aggregate_tiled_cpu(at::TensorList offsets, at::TensorList local,
+                                at::TensorList values, at::ArrayRef<double> weights,
+                                const at::Tensor& out, const std::optional<at::Tensor>& base,
+                                double lr) {
+  const size_t C = values.size();
+  TORCH_CHECK_VALUE(offsets.size() == C && local.size() == C && weights.size() == C,
+                    "sparsefl.aggregate: ", offsets.size(), " offset tensors, ", local.size(),
+                    " local index tensors, ", C, " value tensors and ", weights.size(),
+                    " weights");
+  check_out(out, base, lr);
+  const int64_t numel = out.numel();
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  std::vector<Client> clients(C);
+  for (size_t c = 0; c < C; ++c) {
+    const auto& ov = offsets[c];
+    const auto& lv = local[c];
+    const auto& vv = values[c];
+    Client& cl = clients[c] = read_values(vv, weights[c], c);
+    if (ov.numel() == 0 && is_dense(lv, vv, numel)) {
+      cl.dense = true;
+      continue;
+    }
+    TORCH_CHECK_VALUE(ov.device().is_cpu() && ov.dim() == 1 && ov.is_contiguous() &&
+                          ov.scalar_type() == at::kInt && ov.numel() == tiles + 1,
+                      "sparsefl.aggregate: offsets[", c, "] must be a contiguous 1-D int32 CPU ",
+                      "tensor with ", tiles + 1, " entries (tiles of ", kTile, ")");
+    TORCH_CHECK_VALUE(lv.device().is_cpu() && lv.dim() == 1 && lv.is_contiguous() &&
+                          lv.scalar_type() == at::kShort,
+                      "sparsefl.aggregate: local[", c, "] must be a contiguous 1-D int16 CPU "
+                      "tensor");
+    TORCH_CHECK_VALUE(lv.numel() == vv.numel(), "sparsefl.aggregate: payload ", c, " has ",
+                      lv.numel(), " indices and ", vv.numel(), " values");
+    const int32_t* tp = ov.data_ptr<int32_t>();
+    int64_t down = 0;
+    for (int64_t t = 0; t < tiles; ++t) down += tp[t + 1] < tp[t];
+    TORCH_CHECK_VALUE(tp[0] == 0 && tp[tiles] == vv.numel() && down == 0,
+                      "sparsefl.aggregate: offsets[", c, "] must rise from 0 to ", vv.numel(),
+                      " without falling");
+    cl.idx = lv.data_ptr();
+    cl.tp = tp;
+  }
+  merge(clients, out, base, lr);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("sparse_aggregate(Tensor[] indices, Tensor[] values, float[] weights, Tensor(a!) out, "
         "Tensor? base, float lr) -> ()");
+  m.def("sparse_aggregate_tiled(Tensor[] offsets, Tensor[] local, Tensor[] values, "
+        "float[] weights, Tensor(a!) out, Tensor? base, float lr) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) { m.impl("sparse_aggregate", &sparse_aggregate_cpu); }
+TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
+  m.impl("sparse_aggregate", &sparse_aggregate_cpu);
+  m.impl("sparse_aggregate_tiled", &sparse_aggregate_tiled_cpu);
+}
 
 }  // namespace sparsefl

@@ -51,6 +51,7 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
         pays = [(torch.sort(torch.randperm(n, generator=g)[:k]).values,
                  torch.randn(k, generator=g)) for _ in range(C)]
         pays32 = [(i.int(), v) for i, v in pays]
+        tiled = [ops.tile_payload(i, v, n) for i, v in pays32]
         w = [1.0 / C] * C
 
         def eager(pays=pays, w=w):
@@ -64,6 +65,16 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
         work.append(Workload(f"{name} fused, int32 idx",
                              lambda p=pays32, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
                              C * k * 8 + 8 * n, f"{name} eager (index_add_)"))
+        # the layout the engine hands the merge (ops.tile_payload, made at decode time)
+        work.append(Workload(f"{name} fused, tiled int16 idx",
+                             lambda p=tiled, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             C * k * 6 + 8 * n, f"{name} eager (index_add_)"))
+        # the same, with the tiling of the int64 payloads counted as aggregation work
+        work.append(Workload(f"{name} tile_payload + fused",
+                             lambda p=pays, w=w: ops.sparse_aggregate(
+                                 [ops.tile_payload(i, v, n) for i, v in p], w, out=out,
+                                 base=base),
+                             None, f"{name} eager (index_add_)"))
     return work, n
 
 

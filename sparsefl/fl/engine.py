@@ -183,7 +183,7 @@ class Simulation:
     def _accept(self, cid: int, rnd: int, up: ClientUpdate | BaseException | None,
                 received: Tensor, down_ref: list[Tensor | None], timers: Timers,
                 elapsed: float = 0.0) -> tuple[ClientUpdate | None, Any, str | None]:
-        """Server-side checks of one client's reply: (update, flat pair, fault)."""
+        """Server-side checks of one client's reply: (update, tiled payload, fault)."""
         cfg, layout = self.cfg.server, self.layout
         if isinstance(up, BaseException):
             log.warning("round %d: client %d raised %r; dropped", rnd, cid, up)
@@ -201,18 +201,19 @@ class Simulation:
                 log.warning("round %d: client %d sent an undecodable payload (%s); dropped",
                             rnd, cid, e)
                 return up, None, "undecodable"
-            pair = wire.to_flat_pair(layout, chunks, compact=True)
-        if not bool(torch.isfinite(pair[1]).all()):
+            payload = wire.to_tiled(layout, chunks)
+        if not bool(torch.isfinite(payload.values).all()):
             log.warning("round %d: client %d sent non-finite values; dropped", rnd, cid)
             return up, None, "nonfinite"
         if cfg.max_update_norm:
-            delta = torch.zeros(layout.numel).index_copy_(0, pair[0].long(), pair[1]) - received
+            idx, val = wire.to_flat_pair(layout, chunks)
+            delta = torch.zeros(layout.numel).index_copy_(0, idx, val) - received
             norm = float(delta.norm())
             if norm > cfg.max_update_norm:
                 log.warning("round %d: client %d update norm %.4g exceeds "
                             "server.max_update_norm; dropped", rnd, cid, norm)
                 return up, None, "norm"
-        return up, pair, None
+        return up, payload, None
 
     def step(self, remote: RemoteClients | None = None) -> dict[str, Any]:
         """One round.  `remote(cids, down_payload, rnd, lr)`, when given, runs the chosen

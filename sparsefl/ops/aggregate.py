@@ -9,15 +9,18 @@
         most `group` payloads, whatever the number of clients; bitwise equal to one
         sparse_aggregate over all the payloads in the same order.
 
-payloads: SparseChunk objects or (indices, values) pairs over one flat index space of
-`numel` elements (taken from out, base or the chunks); indices int64/int32 strictly
-ascending, values float32/float16/bfloat16.  A pair with an empty index tensor and numel
-values is a dense update.  Bitwise reproducible (fixed client order, float64 per element),
-and the kernel's working memory does not grow with the number of clients.
+payloads: SparseChunk objects, (indices, values) pairs or TiledPayloads over one flat index
+space of `numel` elements (taken from out, base or the payloads); indices int64/int32
+strictly ascending, values float32/float16/bfloat16.  A pair with an empty index tensor and
+numel values is a dense update.  A TiledPayload (sparsefl/ops/tiled.py: int16 offsets into
+4096-element tiles plus where each tile's run starts) is the layout the C++ merge reads
+fastest; when one payload is tiled, the others are tiled on the way in.  Bitwise
+reproducible (fixed client order, float64 per element), and the kernel's working memory
+does not grow with the number of clients.
 
 Backends: reference (float64 index_add_), cpp (tiled merge, csrc/cpu/aggregate.cpp),
 cuda (one block per tile, csrc/cuda/aggregate.cu: compile-checked, not yet run on a GPU).
-Registered as torch.ops.sparsefl.sparse_aggregate.
+Registered as torch.ops.sparsefl.sparse_aggregate and .sparse_aggregate_tiled.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from sparsefl.ops import _backend
 from sparsefl.ops.reference import aggregate as _reference
+from sparsefl.ops.tiled import TiledPayload, tile_payload, untile
 
 _lib = torch.library.Library("sparsefl", "FRAGMENT")
 _lib.define("sparse_aggregate(Tensor[] indices, Tensor[] values, float[] weights, "
@@ -55,9 +59,48 @@ def _(indices, values, weights, out, base, lr, backend):
     return None
 
 
+_lib.define("sparse_aggregate_tiled(Tensor[] offsets, Tensor[] local, Tensor[] values, "
+            "float[] weights, Tensor(a!) out, Tensor? base, float lr, str backend) -> ()")
+
+
+def _impl_tiled(offsets, local, values, weights, out, base, lr, backend):
+    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=False)
+    if name == "cpp":
+        torch.ops.sparsefl_C.sparse_aggregate_tiled(offsets, local, values, weights, out, base,
+                                                    lr)
+        torch.autograd.graph.increment_version(out)
+        return
+    # reference and CUDA take the flat pairs (the tile structure is checked on the way)
+    numel = out.numel()
+    if not len(offsets) == len(local) == len(values):
+        raise ValueError(f"sparsefl.aggregate: {len(offsets)} offset tensors, {len(local)} "
+                         f"local index tensors and {len(values)} value tensors")
+    pairs = [untile(TiledPayload(o, i, v, numel), c)
+             for c, (o, i, v) in enumerate(zip(offsets, local, values))]
+    _impl([p[0] for p in pairs], [p[1] for p in pairs], weights, out, base, lr, name)
+
+
+_lib.impl("sparse_aggregate_tiled", _impl_tiled, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("sparsefl::sparse_aggregate_tiled", lib=_lib)
+def _(offsets, local, values, weights, out, base, lr, backend):
+    return None
+
+
 def _pairs(payloads) -> tuple[list[Tensor], list[Tensor], int | None]:
     indices, values, numel = [], [], None
     for i, p in enumerate(payloads):
+        if isinstance(p, TiledPayload):
+            idx, val = p, p.values  # kept whole; _tiled() takes it apart
+            if numel is None:
+                numel = p.numel
+            elif p.numel != numel:
+                raise ValueError(f"sparsefl.aggregate: payload {i} has numel {p.numel}, "
+                                 f"payload 0 has {numel}")
+            indices.append(idx)
+            values.append(val.contiguous())
+            continue
         if hasattr(p, "indices") and hasattr(p, "values"):
             idx, val = p.indices, p.values
             if numel is None:
@@ -106,9 +149,16 @@ def sparse_aggregate(payloads: Sequence, weights: Sequence[float], out: Tensor |
                          "apply")
     if base is not None and (base.dtype != torch.float32 or base.dim() != 1):
         raise ValueError("sparsefl.aggregate: base must be a 1-D float32 tensor")
-    torch.ops.sparsefl.sparse_aggregate(indices, values, weights, out,
-                                        None if base is None else base.contiguous(), float(lr),
-                                        _backend.requested(backend))
+    base = None if base is None else base.contiguous()
+    if any(isinstance(i, TiledPayload) for i in indices):
+        tiled = [i if isinstance(i, TiledPayload) else tile_payload(i, v, n, which=c)
+                 for c, (i, v) in enumerate(zip(indices, values))]
+        torch.ops.sparsefl.sparse_aggregate_tiled(
+            [t.offsets.contiguous() for t in tiled], [t.local.contiguous() for t in tiled],
+            values, weights, out, base, float(lr), _backend.requested(backend))
+    else:
+        torch.ops.sparsefl.sparse_aggregate(indices, values, weights, out, base, float(lr),
+                                            _backend.requested(backend))
     return out
 
 
