@@ -211,7 +211,7 @@ def test_tile_indices_refuses_bad_pieces(backend):
         "starts count": ([ok], [0, 1], 100),
         "float indices": ([torch.tensor([1.0])], [0], 100),
     }
-    for name, (pieces, starts, numel) in bad.items():
+    for pieces, starts, numel in bad.values():
         with pytest.raises(ValueError, match="tile_indices"):
             cut(pieces, starts, numel, backend)
     with pytest.raises(ValueError, match="strictly ascending"):
