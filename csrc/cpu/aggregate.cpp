@@ -62,6 +62,7 @@ struct Client {
   bool idx64;
   bool dense;       // no index tensor: nnz == numel values in order
   const int32_t* tp;  // tiled: tp[t]..tp[t+1] is tile t's run, idx[k] = j - t * kTile
+  int vsz;            // bytes per value
   const void* val;
   at::ScalarType vdtype;
   int64_t nnz;
@@ -367,6 +368,7 @@ Client read_values(const at::Tensor& vv, double w, size_t c) {
   Client cl{};
   cl.val = vv.data_ptr();
   cl.vdtype = vv.scalar_type();
+  cl.vsz = static_cast<int>(vv.element_size());
   cl.nnz = vv.numel();
   cl.w = w;
   return cl;
@@ -427,6 +429,24 @@ void merge(std::vector<Client>& clients, const at::Tensor& out,
             const int16_t* l = static_cast<const int16_t*>(cl.idx);
 #ifdef SPARSEFL_AGG_AVX2
             if (simd) {
+              // Prefetch the head of the next client's run (64 entries: 2 lines of offsets,
+              // 4 of fp32 values) while this run is added, ~600 cycles ahead at 5%: late
+              // enough not to be evicted from L1 first, early enough to hide the trip to
+              // L2 that each run's first lines cost (kAhead brought them that far).
+              // In-process A/B, 100 clients x 5%: 5-6% less time (as a called helper
+              // instead of inline code it measured nothing).
+              if (c + 1 < C && clients[c + 1].tp) {
+                const Client& nx = clients[c + 1];
+                const char* nl = reinterpret_cast<const char*>(
+                    static_cast<const int16_t*>(nx.idx) + nx.tp[t]);
+                const char* nv = static_cast<const char*>(nx.val) + nx.tp[t] * nx.vsz;
+                _mm_prefetch(nl, _MM_HINT_T0);
+                _mm_prefetch(nl + 64, _MM_HINT_T0);
+                _mm_prefetch(nv, _MM_HINT_T0);
+                _mm_prefetch(nv + 64, _MM_HINT_T0);
+                _mm_prefetch(nv + 128, _MM_HINT_T0);
+                _mm_prefetch(nv + 192, _MM_HINT_T0);
+              }
               add_tiled_avx2(acc, l, v, cl.tp[t], cl.tp[t + 1], len, cl.w, bad);
               return;
             }
