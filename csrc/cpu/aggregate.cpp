@@ -362,7 +362,7 @@ struct Range {  // one parallel chunk of tiles and where each client entered and
   std::vector<int64_t> first, end;
 };
 
-// Checks what every client has in common (weight, values) and whether it is dense.
+// Reads and checks what every client has (weight, values); the caller adds its indices.
 Client read_values(const at::Tensor& vv, double w, size_t c) {
   TORCH_CHECK_VALUE(std::isfinite(w), "sparsefl.aggregate: weight ", c, " is not finite");
   TORCH_CHECK_VALUE(vv.device().is_cpu() && vv.dim() == 1 && vv.is_contiguous(),
@@ -377,7 +377,7 @@ Client read_values(const at::Tensor& vv, double w, size_t c) {
 }
 
 // out = base + lr * sum (float32 out) or out += sum (float64 out) over the clients.
-void merge(std::vector<Client>& clients, const at::Tensor& out,
+void merge(const std::vector<Client>& clients, const at::Tensor& out,
            const std::optional<at::Tensor>& base, double lr) {
   const size_t C = clients.size();
   const bool accumulate = out.scalar_type() == at::kDouble;

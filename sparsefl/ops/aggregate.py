@@ -88,21 +88,13 @@ def _(offsets, local, values, weights, out, base, lr, backend):
     return None
 
 
-def _pairs(payloads) -> tuple[list[Tensor], list[Tensor], int | None]:
+def _pairs(payloads) -> tuple[list, list[Tensor], int | None]:
+    """(indices, values, numel) lists; a TiledPayload stays whole in `indices`."""
     indices, values, numel = [], [], None
     for i, p in enumerate(payloads):
-        if isinstance(p, TiledPayload):
-            idx, val = p, p.values  # kept whole; _tiled() takes it apart
-            if numel is None:
-                numel = p.numel
-            elif p.numel != numel:
-                raise ValueError(f"sparsefl.aggregate: payload {i} has numel {p.numel}, "
-                                 f"payload 0 has {numel}")
-            indices.append(idx)
-            values.append(val.contiguous())
-            continue
-        if hasattr(p, "indices") and hasattr(p, "values"):
-            idx, val = p.indices, p.values
+        tiled = isinstance(p, TiledPayload)
+        if tiled or (hasattr(p, "indices") and hasattr(p, "values")):
+            idx, val = (p, p.values) if tiled else (p.indices, p.values)
             if numel is None:
                 numel = p.numel
             elif p.numel != numel:
@@ -114,9 +106,9 @@ def _pairs(payloads) -> tuple[list[Tensor], list[Tensor], int | None]:
             except (TypeError, ValueError):
                 raise TypeError(f"sparsefl.aggregate: payload {i} must be a SparseChunk or an "
                                 f"(indices, values) pair, got {type(p).__name__}") from None
-        if not isinstance(idx, Tensor) or not isinstance(val, Tensor):
+        if not (tiled or isinstance(idx, Tensor)) or not isinstance(val, Tensor):
             raise TypeError(f"sparsefl.aggregate: payload {i} indices/values must be tensors")
-        indices.append(idx.contiguous())
+        indices.append(idx if tiled else idx.contiguous())
         values.append(val.contiguous())
     return indices, values, numel
 

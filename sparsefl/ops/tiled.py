@@ -109,10 +109,6 @@ def tile_payload(indices: Tensor | Sequence[Tensor], values: Tensor | Sequence[T
     else:
         pieces, starts = list(indices), list(starts if starts is not None else [0] * len(indices))
         values = torch.cat(list(values)) if len(values) else torch.empty(0)
-    for p in pieces:
-        if p.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"sparsefl.aggregate: payload {which} indices must be int64 or "
-                             f"int32, got {p.dtype}")
     total = sum(p.numel() for p in pieces)
     if total != values.numel():
         raise ValueError(f"sparsefl.aggregate: payload {which} has {total} indices and "
@@ -121,6 +117,7 @@ def tile_payload(indices: Tensor | Sequence[Tensor], values: Tensor | Sequence[T
         offsets, local = torch.ops.sparsefl.tile_indices(pieces, starts, numel,
                                                          _backend.requested(backend))
     except ValueError as e:
+        # the op checks dtypes, order and range; the message says which payload
         raise ValueError(f"sparsefl.aggregate: payload {which}: {e}") from None
     return TiledPayload(offsets, local, values, numel)
 
