@@ -137,6 +137,11 @@ class _PowerpropMixin:
             raise ValueError(f"powerprop beta must be >= 1, got {beta}")
         self.beta = float(beta)
         self.act_density = 1.0
+        # Compute path (sparsefl.nn.set_compute): "dense", "sparse" or "auto", with the
+        # support packed when it was set.
+        self.compute = "dense"
+        self._support = None
+        self._native = False
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]
@@ -145,6 +150,16 @@ class _PowerpropMixin:
 
     def _pruning(self) -> bool:
         return self.training and self.act_density < 1.0 and torch.is_grad_enabled()
+
+    def _pruning_configured(self) -> bool:
+        return self.act_density < 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.compute != "dense":
+            from sparsefl.nn.sparse_compute import sparse_forward
+
+            return sparse_forward(self, x)
+        return self._dense_forward(x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}"  # type: ignore[misc]
@@ -156,7 +171,7 @@ class PowerpropLinear(_PowerpropMixin, nn.Linear):
         self._set_beta(beta)
         super().__init__(in_features, out_features, bias, **kw)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _dense_forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
         if self._pruning():
             return _PrunedLinear.apply(x, w, self.bias, self.act_density)
@@ -170,7 +185,7 @@ class PowerpropConv2d(_PowerpropMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             raise ValueError("PowerpropConv2d supports padding_mode='zeros' only")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _dense_forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
         if self._pruning():
             if isinstance(self.padding, str):

@@ -1,0 +1,795 @@
+// Convolution / linear layers that compute on the support S of a Powerprop weight.
+// C++ CPU backend; the definition is sparsefl/ops/reference/sparse_conv.py.
+//
+// A Powerprop layer stores omega and computes with theta = sign(omega)|omega|^beta.  Under
+// beta > 1 a zero weight gets exactly zero gradient, so during a round the support S (the
+// nonzeros of omega) is fixed and every pass only needs the |S| weights:
+//
+//   forward          y[n,co,oh,ow] = sum_{(ci,kh,kw) in S(co)} theta * x[n,ci,oh*s+kh-p,ow*s+kw-p]
+//   input gradient   dx = the transposed convolution of dy with theta_S
+//   weight gradient  domega = dtheta * beta|omega|^(beta-1) on S only (zero elsewhere), an SDDMM
+//                    that reads the saved input in its pruned, compressed form
+//
+// Layout ("pixel tiles").  Activations are cut into batch tiles of L = 16 images; inside a
+// tile a pixel (c, h, w) is one 16-float vector, the 16 images side by side:
+//   [NT][C][H][W][16]     NT = ceil(N / 16), the lanes >= N of the last tile are zero.
+// A nonzero weight (ci, kh, kw) then reads, for output pixel (oh, ow), the vector at a fixed
+// offset from the pixel's base; a run of R output pixels of a row reads R vectors at the
+// stride s*16.  The inner loop is one broadcast and R fused multiply-adds from memory per
+// nonzero, with the R accumulators in registers, and needs no gather and no im2col.  This is
+// SparseProp's idea (vectorise over the batch) with a batch tile, so that the rows a task
+// reads stay in L2 and one layout serves every stride and image size.
+//
+// Input gradient.  dy is laid out the same way but dilated by the stride and padded by
+// KH-1-p (KW-1-p): dyd[co][KH-1-p + oh*s][KW-1-p + ow*s] = dy[co][oh][ow], zero elsewhere.
+// Then dx[ci][ih][iw] = sum_{(co,kh,kw) in S} theta * dyd[co][ih + KH-1-kh][iw + KW-1-kw],
+// a stride-1 convolution with the flipped kernel, the same inner loop.  (Stride 2 reads 3/4
+// zeros of dyd; those layers are few.)
+// Weight gradient.  dtheta[co,ci,kh,kw] = sum over the kept inputs x[n,ci,ih,iw] of
+// x * dyd[co][ih + KH-1-kh][iw + KW-1-kw][n]: the pruned input is stored per (tile, ci) as
+// (q = (ih * Wd + iw) * 16 + lane, value), so every weight of S is one gather-dot over the
+// kept entries of its input channel: work proportional to |S| * density(x), and the dense
+// input is never rebuilt.
+//
+// Every output element is computed by one thread in a fixed order: results do not depend
+// on the thread count.  Arithmetic is float32 whatever the storage dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "dtype.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+// Vector-extension values only pass between always-inline helpers: no ABI crosses a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace sparsefl {
+namespace {
+
+constexpr int64_t L = 16;  // lanes of a pixel vector = images per batch tile
+
+// Vectors as GCC vector extensions: one source compiles to AVX-512 (v16), AVX2 (v8) or SSE
+// (v4) code, chosen at run time (the build never uses -march=native).
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+#define SFL_INLINE __attribute__((always_inline)) inline
+
+template <typename V>
+SFL_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+SFL_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+template <typename V>
+SFL_INLINE V vbroadcast(float s) { return V{} + s; }
+
+// In-register 8x8 transpose (rows r[0..7] -> columns), the unpack/shuffle/permute network.
+SFL_INLINE void transpose8(v8* r) {
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Geometry and checks
+// ---------------------------------------------------------------------------------------
+
+struct Geom {
+  int64_t N, C, H, W;   // input
+  int64_t Co, KH, KW;   // weight
+  int64_t sh, sw, ph, pw;
+  int64_t OH, OW;       // output
+  int64_t NT;           // batch tiles
+  int64_t Hp() const { return H + 2 * ph; }
+  int64_t Wp() const { return W + 2 * pw; }
+  int64_t Hd() const { return H + KH - 1; }  // dilated-padded dy
+  int64_t Wd() const { return W + KW - 1; }
+  int64_t K() const { return C * KH * KW; }  // weights per output channel
+};
+
+Geom make_geom(at::IntArrayRef x_shape, const at::Tensor& omega, at::IntArrayRef stride,
+               at::IntArrayRef padding, const char* op) {
+  TORCH_CHECK_VALUE(x_shape.size() == 4, op, ": input must be 4-D (N, C, H, W), got ",
+                    x_shape.size(), " dims");
+  TORCH_CHECK_VALUE(omega.dim() == 4, op, ": weight must be 4-D (Co, C, KH, KW), got ",
+                    omega.dim(), " dims");
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2, op,
+                    ": stride and padding must have 2 entries");
+  Geom g{};
+  g.N = x_shape[0]; g.C = x_shape[1]; g.H = x_shape[2]; g.W = x_shape[3];
+  g.Co = omega.size(0); g.KH = omega.size(2); g.KW = omega.size(3);
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1];
+  TORCH_CHECK_VALUE(omega.size(1) == g.C, op, ": weight has ", omega.size(1),
+                    " input channels, input has ", g.C);
+  TORCH_CHECK_VALUE(g.N >= 0 && g.C >= 1 && g.H >= 1 && g.W >= 1 && g.KH >= 1 && g.KW >= 1,
+                    op, ": empty spatial or channel dimension");
+  TORCH_CHECK_VALUE(g.sh >= 1 && g.sw >= 1, op, ": stride must be >= 1");
+  TORCH_CHECK_VALUE(g.ph >= 0 && g.pw >= 0 && g.ph <= g.KH - 1 && g.pw <= g.KW - 1, op,
+                    ": padding must lie in [0, kernel - 1], got (", g.ph, ", ", g.pw, ")");
+  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= g.KH && g.W + 2 * g.pw >= g.KW, op,
+                    ": the kernel is larger than the padded input");
+  g.OH = (g.H + 2 * g.ph - g.KH) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
+  g.NT = (g.N + L - 1) / L;
+  // Offsets inside one batch tile are int64; the q of a kept input is int32.
+  TORCH_CHECK_VALUE(g.Hd() * g.Wd() * L < (int64_t{1} << 31), op,
+                    ": image too large for the packed activation positions");
+  return g;
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " has dtype ", st, "; supported: float32, float16, bfloat16");
+}
+
+void check_index(const at::Tensor& t, at::ScalarType st, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1, op, ": ", name,
+                    " must be a 1-D CPU tensor");
+  TORCH_CHECK_TYPE(t.scalar_type() == st, op, ": ", name, " must be ", st, ", got ",
+                   t.scalar_type());
+}
+
+// rowptr [rows + 1] int64, ascending from 0 to nnz; entries int32 in [0, limit).
+void check_csr(const at::Tensor& ptr, const at::Tensor& ent, int64_t rows, int64_t limit,
+               const char* op, const char* what) {
+  check_index(ptr, at::kLong, op, what);
+  check_index(ent, at::kInt, op, what);
+  TORCH_CHECK_VALUE(ptr.numel() == rows + 1, op, ": ", what, " pointer has ", ptr.numel(),
+                    " entries, expected ", rows + 1);
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0 && p[rows] == ent.numel(), op, ": ", what,
+                    " pointer must run from 0 to the entry count");
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK_VALUE(p[r] <= p[r + 1], op, ": ", what, " pointer is not ascending");
+  const int32_t* e = ent.data_ptr<int32_t>();
+  bool ok = true;
+  for (int64_t j = 0; j < ent.numel(); ++j) ok &= (e[j] >= 0) & (e[j] < limit);
+  TORCH_CHECK_VALUE(ok, op, ": ", what, " entries must lie in [0, ", limit, ")");
+}
+
+template <typename T>
+SFL_INLINE float theta_of(T w_raw, float beta, float bm1) {
+  // theta = omega * |omega|^(beta - 1); the common exponents by square roots, as in
+  // sparsefl.nn.powerprop (pow is exp(e log x)).
+  const float w = static_cast<float>(w_raw);
+  const float a = std::fabs(w);
+  float t;
+  if (bm1 == 0.25f) t = std::sqrt(std::sqrt(a));
+  else if (bm1 == 0.5f) t = std::sqrt(a);
+  else if (bm1 == 0.0f) t = 1.0f;
+  else if (bm1 == 1.0f) t = a;
+  else t = std::pow(a, bm1);
+  (void)beta;
+  return w * t;
+}
+
+template <typename T>
+SFL_INLINE float dtheta_domega(T w_raw, float beta, float bm1) {
+  const float a = std::fabs(static_cast<float>(w_raw));
+  float t;
+  if (bm1 == 0.25f) t = std::sqrt(std::sqrt(a));
+  else if (bm1 == 0.5f) t = std::sqrt(a);
+  else if (bm1 == 0.0f) t = 1.0f;
+  else if (bm1 == 1.0f) t = a;
+  else t = std::pow(a, bm1);
+  return t * beta;
+}
+
+// ---------------------------------------------------------------------------------------
+// Layout conversions: NCHW <-> pixel tiles
+// ---------------------------------------------------------------------------------------
+
+// dst[nt][c][oy + h*dy][ox + w*dx][lane] = src[nt*16 + lane][c][h][w]; the rest of dst
+// (padding, dilation holes, lanes >= N) is zero.  dst has dims [NT][C][DH][DW][16].
+// Full 8-image x 8-pixel blocks go through an in-register transpose; the rest is scalar.
+template <typename T>
+SFL_INLINE void to_tiles_plane(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
+                               float* d, int64_t DW, int64_t oy, int64_t ox, int64_t dyl,
+                               int64_t dxl, int64_t nt, int64_t c) {
+  const int64_t lanes = std::min(L, N - nt * L);
+  const int64_t CHW = C * H * W;
+  for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
+    const int64_t nl = std::min<int64_t>(8, lanes - l0);
+    const T* s0 = src + (nt * L + l0) * CHW + c * H * W;
+    for (int64_t h = 0; h < H; ++h) {
+      float* drow = d + ((oy + h * dyl) * DW + ox) * L + l0;
+      const T* srow = s0 + h * W;
+      int64_t w = 0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (nl == 8)
+          for (; w + 8 <= W; w += 8) {
+            v8 r[8];
+            for (int i = 0; i < 8; ++i) r[i] = vload<v8>(srow + i * CHW + w);
+            transpose8(r);
+            for (int j = 0; j < 8; ++j) vstore(drow + (w + j) * dxl * L, r[j]);
+          }
+      }
+      for (; w < W; ++w)
+        for (int64_t i = 0; i < nl; ++i)
+          drow[w * dxl * L + i] = static_cast<float>(srow[i * CHW + w]);
+    }
+  }
+}
+
+template <typename T>
+SFL_INLINE void to_tiles_range(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
+                               float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                               int64_t dyl, int64_t dxl, int64_t lo, int64_t hi) {
+  for (int64_t t = lo; t < hi; ++t) {
+    float* d = dst + t * DH * DW * L;
+    std::memset(d, 0, sizeof(float) * DH * DW * L);
+    to_tiles_plane(src, N, C, H, W, d, DW, oy, ox, dyl, dxl, t / C, t % C);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The gather convolution: out[n][co][oh][ow] = bias[co] + sum_j val[j] * in[off[j] + pix]
+// ---------------------------------------------------------------------------------------
+// A task is (batch tile, block of output rows) and runs every output channel over it: the
+// input rows the block reads (KH + (rows - 1) * stride rows of every input channel) stay in
+// L2 while all output channels reuse them.  Inside, output pixels are taken R at a time in
+// row-major order (a run may span rows when the image is narrow); boff[r] is pixel r's
+// offset from the tile base.
+
+struct ConvArgs {
+  const float* in;        // [NT][Cin][IH][IW][16]
+  int64_t in_tile;        // floats per batch tile of `in`
+  int64_t in_row;         // IW * 16
+  int64_t sy, sx;         // output pixel -> input pixel strides (in pixels)
+  const int64_t* ptr;     // [Cout + 1]
+  const int64_t* off;     // [nnz] offset of each nonzero's tap inside a tile
+  const float* val;       // [nnz]
+  const float* bias;      // [Cout] or null
+  int64_t Cout, OH, OW, N, NT;
+  int64_t rows_per_task;
+  void* out;              // NCHW, dtype T
+};
+
+template <typename V, int R>
+SFL_INLINE void conv_run(const float* tile, const int64_t* boff, const int64_t* off,
+                         const float* val, int64_t j0, int64_t j1, float b, float* buf) {
+  constexpr int NV = L / (sizeof(V) / sizeof(float));  // vectors per pixel
+  constexpr int VL = L / NV;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vbroadcast<V>(b);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* p = tile + off[j];
+    const V w = vbroadcast<V>(val[j]);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += w * vload<V>(p + boff[r] + v * VL);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(buf + r * L + v * VL, acc[r][v]);
+}
+
+template <typename V>
+SFL_INLINE void conv_run_tail(const float* tile, const int64_t* boff, const int64_t* off,
+                              const float* val, int64_t j0, int64_t j1, float b, float* buf,
+                              int n) {
+  constexpr int NV = L / (sizeof(V) / sizeof(float));
+  constexpr int VL = L / NV;
+  for (int r = 0; r < n; ++r) {
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = vbroadcast<V>(b);
+    for (int64_t j = j0; j < j1; ++j) {
+      const V w = vbroadcast<V>(val[j]);
+      for (int v = 0; v < NV; ++v) acc[v] += w * vload<V>(tile + off[j] + boff[r] + v * VL);
+    }
+    for (int v = 0; v < NV; ++v) vstore(buf + r * L + v * VL, acc[v]);
+  }
+}
+
+// buf[r][lane] (R pixels x 16 lanes) -> out[lane * img + pix0 + r], lanes < `lanes`.
+template <typename T>
+SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int64_t img) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == 8) {
+      for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
+        v8 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = vload<v8>(buf + i * L + l0);
+        transpose8(r);  // r[i] = lane l0 + i over the 8 pixels
+        const int64_t nl = std::min<int64_t>(8, lanes - l0);
+        for (int64_t i = 0; i < nl; ++i) vstore(out + (l0 + i) * img, r[i]);
+      }
+      return;
+    }
+  }
+  for (int64_t i = 0; i < lanes; ++i)
+    for (int r = 0; r < n; ++r) out[i * img + r] = static_cast<T>(buf[r * L + i]);
+}
+
+template <typename V, int R, typename T>
+SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
+  alignas(64) float buf[R * L];
+  int64_t boff[R];
+  T* out = static_cast<T*>(a.out);
+  const int64_t blocks = (a.OH + a.rows_per_task - 1) / a.rows_per_task;
+  const int64_t plane = a.OH * a.OW, img = a.Cout * plane;
+  for (int64_t t = lo; t < hi; ++t) {
+    const int64_t nt = t / blocks, rb = t % blocks;
+    const int64_t p0 = rb * a.rows_per_task * a.OW;
+    const int64_t p1 = std::min(plane, p0 + a.rows_per_task * a.OW);
+    const float* tile = a.in + nt * a.in_tile;
+    const int64_t lanes = std::min(L, a.N - nt * L);
+    T* o = out + nt * L * img;
+    for (int64_t co = 0; co < a.Cout; ++co) {
+      const int64_t j0 = a.ptr[co], j1 = a.ptr[co + 1];
+      const float b = a.bias ? a.bias[co] : 0.0f;
+      T* oc = o + co * plane;
+      for (int64_t p = p0; p < p1; p += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));
+        for (int r = 0; r < R; ++r) {
+          const int64_t q = p + std::min(r, n - 1);
+          boff[r] = (q / a.OW) * a.sy * a.in_row + (q % a.OW) * a.sx * L;
+        }
+        if (n == R) conv_run<V, R>(tile, boff, a.off, a.val, j0, j1, b, buf);
+        else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
+        write_pixels<T>(buf, n, lanes, oc + p, img);
+      }
+    }
+  }
+}
+
+// One ISA-specific entry point per kernel and dtype: the template body is inlined into a
+// function compiled for that ISA.
+#define SFL_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
+#define SFL_AVX2 __attribute__((target("avx2,fma")))
+
+template <typename T>
+SFL_AVX512 void conv_tasks_avx512(const ConvArgs& a, int64_t lo, int64_t hi) {
+  conv_tasks<v16, 8, T>(a, lo, hi);
+}
+template <typename T>
+SFL_AVX2 void conv_tasks_avx2(const ConvArgs& a, int64_t lo, int64_t hi) {
+  conv_tasks<v8, 4, T>(a, lo, hi);
+}
+template <typename T>
+void conv_tasks_portable(const ConvArgs& a, int64_t lo, int64_t hi) {
+  conv_tasks<v4, 2, T>(a, lo, hi);
+}
+
+template <typename T>
+SFL_AVX512 void to_tiles_avx512(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
+                                float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                                int64_t dyl, int64_t dxl, int64_t lo, int64_t hi) {
+  to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
+}
+template <typename T>
+SFL_AVX2 void to_tiles_avx2(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
+                            float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                            int64_t dyl, int64_t dxl, int64_t lo, int64_t hi) {
+  to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
+}
+template <typename T>
+void to_tiles_portable(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst,
+                       int64_t DH, int64_t DW, int64_t oy, int64_t ox, int64_t dyl,
+                       int64_t dxl, int64_t lo, int64_t hi) {
+  to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
+}
+
+enum class Isa { kAvx512, kAvx2, kPortable };
+
+Isa isa() {
+  static const Isa v = [] {
+    const char* off = std::getenv("SPARSEFL_DISABLE_AVX512");
+    const char* off2 = std::getenv("SPARSEFL_DISABLE_AVX2");
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (!(off2 && *off2 == '1')) {
+      if (!(off && *off == '1') && __builtin_cpu_supports("avx512f") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return Isa::kAvx512;
+      if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    }
+#endif
+    (void)off; (void)off2;
+    return Isa::kPortable;
+  }();
+  return v;
+}
+
+template <typename T>
+void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst, int64_t DH,
+              int64_t DW, int64_t oy, int64_t ox, int64_t dyl, int64_t dxl) {
+  auto fn = isa() == Isa::kAvx512 ? &to_tiles_avx512<T>
+          : isa() == Isa::kAvx2   ? &to_tiles_avx2<T>
+                                  : &to_tiles_portable<T>;
+  const int64_t NT = (N + L - 1) / L;
+  at::parallel_for(0, NT * C, 1, [&](int64_t lo, int64_t hi) {
+    fn(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
+  });
+}
+
+template <typename T>
+void run_conv(const ConvArgs& a) {
+  auto fn = isa() == Isa::kAvx512 ? &conv_tasks_avx512<T>
+          : isa() == Isa::kAvx2   ? &conv_tasks_avx2<T>
+                                  : &conv_tasks_portable<T>;
+  const int64_t tasks = a.NT * ((a.OH + a.rows_per_task - 1) / a.rows_per_task);
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& omega_in,
+                                   double beta, const at::Tensor& rowptr,
+                                   const at::Tensor& cols, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "sparsefl.sparse_conv_forward";
+  check_float(x_in, op, "input");
+  check_float(omega_in, op, "weight");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == omega_in.scalar_type(), op, ": input is ",
+                   x_in.scalar_type(), " but weight is ", omega_in.scalar_type());
+  TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
+  const Geom g = make_geom(x_in.sizes(), omega_in, stride, padding, op);
+  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+  const at::Tensor x = x_in.contiguous(), omega = omega_in.contiguous();
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_float(*bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == g.Co, op, ": bias must have ",
+                      g.Co, " entries");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  auto y = at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
+  if (g.N == 0) return y;
+
+  const int64_t nnz = cols.numel();
+  const int64_t Hp = g.Hp(), Wp = g.Wp(), KK = g.KH * g.KW;
+  std::vector<int64_t> off(nnz);
+  std::vector<float> val(nnz);
+  const int32_t* cp = cols.data_ptr<int32_t>();
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const float bf = static_cast<float>(beta), bm1 = static_cast<float>(beta - 1.0);
+  dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* w = omega.data_ptr<T>();
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+        const int64_t c = cp[j], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
+        off[j] = ((ci * Hp + kh) * Wp + kw) * L;
+        val[j] = theta_of(w[co * g.K() + c], bf, bm1);
+      }
+  });
+
+  auto xt = at::empty({g.NT * g.C * Hp * Wp * L}, x.options().dtype(at::kFloat));
+  ConvArgs a{};
+  a.in = xt.data_ptr<float>();
+  a.in_tile = g.C * Hp * Wp * L;
+  a.in_row = Wp * L;
+  a.sy = g.sh; a.sx = g.sw;
+  a.ptr = rp; a.off = off.data(); a.val = val.data();
+  a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  a.Cout = g.Co; a.OH = g.OH; a.OW = g.OW; a.N = g.N; a.NT = g.NT;
+  a.rows_per_task = std::max<int64_t>(1, (8 + g.OW - 1) / g.OW);
+  a.out = y.data_ptr();
+  dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    to_tiles<T>(x.data_ptr<T>(), g.N, g.C, g.H, g.W, xt.data_ptr<float>(), Hp, Wp, g.ph, g.pw,
+                1, 1);
+    run_conv<T>(a);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation packing: the kept inputs per (batch tile, input channel), in dyd coordinates
+// ---------------------------------------------------------------------------------------
+
+// k >= 0: exactly the entries torch.ops.sparsefl_C.topk_compress keeps (largest |x|, ties
+// to the lower NCHW index); k == -1: every nonzero (no pruning; exact, zeros add nothing).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(const at::Tensor& x_in,
+                                                                   int64_t k,
+                                                                   at::IntArrayRef kernel) {
+  const char* op = "sparsefl.sparse_act_pack";
+  check_float(x_in, op, "input");
+  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": input must be 4-D (N, C, H, W)");
+  TORCH_CHECK_VALUE(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1, op,
+                    ": kernel must be two sizes >= 1");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t NT = (N + L - 1) / L, HW = H * W;
+  const int64_t Wd = W + kernel[1] - 1;
+  TORCH_CHECK_VALUE((H + kernel[0] - 1) * Wd * L < (int64_t{1} << 31), op,
+                    ": image too large for int32 positions");
+  TORCH_CHECK_VALUE(k >= -1 && k <= x.numel(), op, ": k = ", k, " is outside [-1, ",
+                    x.numel(), "]");
+  at::Tensor idx;  // kept NCHW flat indices, ascending
+  if (k == -1) {
+    idx = x.reshape(-1).nonzero().reshape(-1);
+    TORCH_CHECK_VALUE(!at::isnan(x).any().item<bool>(), op, ": input contains NaN");
+  } else {
+    static auto topk = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("sparsefl_C::topk_compress", "")
+                           .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList,
+                                                                     at::TensorList, int64_t)>();
+    idx = std::get<0>(topk.call({x}, {}, k));
+  }
+  const int64_t nnz = idx.numel();
+  auto ptr = at::zeros({NT * C + 1}, x.options().dtype(at::kLong));
+  auto q = at::empty({nnz}, x.options().dtype(at::kInt));
+  auto v = at::empty({nnz}, x.options().dtype(at::kFloat));
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  // Counting sort by group (tile, channel); within a group, NCHW order.
+  for (int64_t e = 0; e < nnz; ++e) {
+    const int64_t f = ip[e], n = f / (C * HW), c = (f / HW) % C;
+    ++pp[(n / L) * C + c + 1];
+  }
+  for (int64_t gi = 0; gi < NT * C; ++gi) pp[gi + 1] += pp[gi];
+  std::vector<int64_t> cur(pp, pp + NT * C);
+  int32_t* qp = q.data_ptr<int32_t>();
+  float* vp = v.data_ptr<float>();
+  dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xs = x.data_ptr<T>();
+    for (int64_t e = 0; e < nnz; ++e) {
+      const int64_t f = ip[e], n = f / (C * HW), c = (f / HW) % C, hw = f % HW;
+      const int64_t h = hw / W, w = hw % W;
+      const int64_t slot = cur[(n / L) * C + c]++;
+      qp[slot] = static_cast<int32_t>((h * Wd + w) * L + (n % L));
+      vp[slot] = static_cast<float>(xs[f]);
+    }
+  });
+  return {ptr, q, v};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+// Weight gradient, per batch tile (tiles in order, so each sum has a fixed order): a task
+// is one output channel; its dyd plane (L2-sized) serves all its nonzeros, and the packed
+// inputs of the tile (5% of it) stay in L2 across channels.
+struct WgradArgs {
+  const float* dyd;        // dyd of one batch tile: [Co][Hd][Wd][16]
+  int64_t C;
+  const int64_t* xptr;     // this tile's groups: [C + 1] (a slice of the full pointer)
+  const int32_t* xq;
+  const float* xv;
+  const int64_t* rowptr;   // [Co + 1]
+  const int32_t* cols;     // flat column of each row entry
+  const int64_t* roff;     // dyd offset of each row entry's tap
+  int64_t KK;
+};
+
+SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v, int64_t n) {
+  // Four independent partial sums keep the loads in flight.
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int64_t e = 0;
+  for (; e + 4 <= n; e += 4) {
+    s0 += v[e] * base[q[e]];
+    s1 += v[e + 1] * base[q[e + 1]];
+    s2 += v[e + 2] * base[q[e + 2]];
+    s3 += v[e + 3] * base[q[e + 3]];
+  }
+  for (; e < n; ++e) s0 += v[e] * base[q[e]];
+  return (s0 + s1) + (s2 + s3);
+}
+
+SFL_INLINE void wgrad_rows(const WgradArgs& a, int64_t lo, int64_t hi, float* dth) {
+  for (int64_t co = lo; co < hi; ++co)
+    for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
+      const int64_t ci = a.cols[j] / a.KK;
+      const int64_t e0 = a.xptr[ci], e1 = a.xptr[ci + 1];
+      dth[j] += gather_dot(a.dyd + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
+    }
+}
+
+SFL_AVX512 void wgrad_avx512(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_rows(a, lo, hi, d);
+}
+SFL_AVX2 void wgrad_avx2(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_rows(a, lo, hi, d);
+}
+void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_rows(a, lo, hi, d);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
+    const at::Tensor& omega_in, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
+    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape, at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx,
+    bool need_dw) {
+  const char* op = "sparsefl.sparse_conv_backward";
+  check_float(dy_in, op, "grad_output");
+  check_float(omega_in, op, "weight");
+  TORCH_CHECK_TYPE(dy_in.scalar_type() == omega_in.scalar_type(), op, ": grad_output is ",
+                   dy_in.scalar_type(), " but weight is ", omega_in.scalar_type());
+  TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
+  const Geom g = make_geom(x_shape, omega_in, stride, padding, op);
+  TORCH_CHECK_VALUE(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Co &&
+                        dy_in.size(2) == g.OH && dy_in.size(3) == g.OW,
+                    op, ": grad_output has shape ", dy_in.sizes(), ", expected [", g.N, ", ",
+                    g.Co, ", ", g.OH, ", ", g.OW, "]");
+  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+  check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
+  TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
+                    ": support rows and columns hold different entry counts");
+  const int64_t KK = g.KH * g.KW, nnz = cent.numel();
+  const int32_t* ce = cent.data_ptr<int32_t>();
+  const int64_t* cpp = cptr.data_ptr<int64_t>();
+  {  // every entry of column ci must be a weight of input channel ci
+    bool ok = true;
+    for (int64_t ci = 0; ci < g.C; ++ci)
+      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= ((ce[j] % g.K()) / KK) == ci;
+    TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
+  }
+  const int64_t Hd = g.Hd(), Wd = g.Wd();
+  if (need_dw) {
+    check_index(xptr, at::kLong, op, "activation pointer");
+    check_index(xq, at::kInt, op, "activation positions");
+    TORCH_CHECK_TYPE(xv.scalar_type() == at::kFloat && xv.dim() == 1 && xv.device().is_cpu(),
+                     op, ": activation values must be a 1-D float32 CPU tensor");
+    TORCH_CHECK_VALUE(xptr.numel() == g.NT * g.C + 1 && xq.numel() == xv.numel(), op,
+                      ": packed activation does not match the input shape");
+    const int64_t* xp = xptr.data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(xp[0] == 0 && xp[g.NT * g.C] == xq.numel(), op,
+                      ": activation pointer must run from 0 to the entry count");
+    for (int64_t i = 0; i < g.NT * g.C; ++i)
+      TORCH_CHECK_VALUE(xp[i] <= xp[i + 1], op, ": activation pointer is not ascending");
+    const int32_t* qq = xq.data_ptr<int32_t>();
+    bool ok = true;
+    for (int64_t e = 0; e < xq.numel(); ++e) {
+      const int64_t pix = qq[e] / L;
+      ok &= (qq[e] >= 0) & (pix / Wd < g.H) & (pix % Wd < g.W);
+    }
+    TORCH_CHECK_VALUE(ok, op, ": activation positions out of range");
+  }
+  const at::Tensor dy = dy_in.contiguous(), omega = omega_in.contiguous();
+  at::Tensor dx, dw;
+  if (g.N == 0 || (!need_dx && !need_dw)) {
+    if (need_dx) dx = at::zeros(x_shape, dy.options());
+    if (need_dw) dw = at::zeros_like(omega);
+    return {dx, dw};
+  }
+  // Dilated, padded dy in pixel tiles (shared by both gradients).
+  auto dyd = at::empty({g.NT * g.Co * Hd * Wd * L}, dy.options().dtype(at::kFloat));
+  dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    to_tiles<T>(dy.data_ptr<T>(), g.N, g.Co, g.OH, g.OW, dyd.data_ptr<float>(), Hd, Wd,
+                g.KH - 1 - g.ph, g.KW - 1 - g.pw, g.sh, g.sw);
+  });
+  std::vector<int64_t> coff(nnz);
+  for (int64_t ci = 0; ci < g.C; ++ci)
+    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+      const int64_t co = ce[j] / g.K(), r = ce[j] % KK, kh = r / g.KW, kw = r % g.KW;
+      coff[j] = ((co * Hd + (g.KH - 1 - kh)) * Wd + (g.KW - 1 - kw)) * L;
+    }
+  const float bf = static_cast<float>(beta), bm1 = static_cast<float>(beta - 1.0);
+  if (need_dx) {
+    std::vector<float> val(nnz);
+    dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const T* w = omega.data_ptr<T>();
+      for (int64_t j = 0; j < nnz; ++j) val[j] = theta_of(w[ce[j]], bf, bm1);
+    });
+    dx = at::empty(x_shape, dy.options());
+    ConvArgs a{};
+    a.in = dyd.data_ptr<float>();
+    a.in_tile = g.Co * Hd * Wd * L;
+    a.in_row = Wd * L;
+    a.sy = 1; a.sx = 1;
+    a.ptr = cpp; a.off = coff.data(); a.val = val.data(); a.bias = nullptr;
+    a.Cout = g.C; a.OH = g.H; a.OW = g.W; a.N = g.N; a.NT = g.NT;
+    a.rows_per_task = std::max<int64_t>(1, (8 + g.W - 1) / g.W);
+    a.out = dx.data_ptr();
+    dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) { run_conv<decltype(tag)>(a); });
+  }
+  if (need_dw) {
+    dw = at::zeros_like(omega);
+    const int32_t* cp = cols.data_ptr<int32_t>();
+    const int64_t* rp = rowptr.data_ptr<int64_t>();
+    std::vector<int64_t> roff(nnz);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+        const int64_t r = cp[j] % KK, kh = r / g.KW, kw = r % g.KW;
+        roff[j] = ((co * Hd + (g.KH - 1 - kh)) * Wd + (g.KW - 1 - kw)) * L;
+      }
+    std::vector<float> dth(nnz, 0.0f);
+    auto fn = isa() == Isa::kAvx512 ? &wgrad_avx512 : isa() == Isa::kAvx2 ? &wgrad_avx2
+                                                                          : &wgrad_portable;
+    for (int64_t nt = 0; nt < g.NT; ++nt) {
+      WgradArgs a{};
+      a.dyd = dyd.data_ptr<float>() + nt * g.Co * Hd * Wd * L;
+      a.C = g.C;
+      a.xptr = xptr.data_ptr<int64_t>() + nt * g.C;
+      a.xq = xq.data_ptr<int32_t>(); a.xv = xv.data_ptr<float>();
+      a.rowptr = rp; a.cols = cp; a.roff = roff.data(); a.KK = KK;
+      at::parallel_for(0, g.Co, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi, dth.data()); });
+    }
+    dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const T* w = omega.data_ptr<T>();
+      T* d = dw.data_ptr<T>();
+      for (int64_t co = 0; co < g.Co; ++co)
+        for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+          const int64_t f = co * g.K() + cp[j];
+          d[f] = static_cast<T>(dth[j] * dtheta_domega(w[f], bf, bm1));
+        }
+    });
+  }
+  return {dx, dw};
+}
+
+// Nonzeros of omega that lie outside the packed support (0 when the support is current).
+int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr,
+                            const at::Tensor& cols) {
+  const char* op = "sparsefl.support_escapes";
+  check_float(omega_in, op, "weight");
+  TORCH_CHECK_VALUE(omega_in.dim() >= 2, op, ": weight must have >= 2 dims");
+  const at::Tensor omega = omega_in.contiguous();
+  const int64_t rows = omega.size(0), K = omega.numel() / std::max<int64_t>(rows, 1);
+  check_csr(rowptr, cols, rows, K, op, "support rows");
+  const int64_t* rp = rowptr.data_ptr<int64_t>();
+  const int32_t* cp = cols.data_ptr<int32_t>();
+  std::atomic<int64_t> total{0};
+  dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* w = omega.data_ptr<T>();
+    at::parallel_for(0, rows, 8, [&](int64_t lo, int64_t hi) {
+      int64_t esc = 0;
+      for (int64_t r = lo; r < hi; ++r) {
+        int64_t nz = 0, in_s = 0;
+        const T* row = w + r * K;
+        for (int64_t c = 0; c < K; ++c) nz += static_cast<float>(row[c]) != 0.0f;
+        for (int64_t j = rp[r]; j < rp[r + 1]; ++j) in_s += static_cast<float>(row[cp[j]]) != 0.0f;
+        esc += nz - in_s;
+      }
+      total += esc;
+    });
+  });
+  return total.load();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
+  m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
+        "Tensor? bias, int[] stride, int[] padding) -> Tensor");
+  m.def("sparse_act_pack(Tensor x, int k, int[] kernel) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
+        "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
+        "int[] x_shape, int[] stride, "
+        "int[] padding, bool need_dx, bool need_dw) -> (Tensor, Tensor)");
+  m.def("support_escapes(Tensor omega, Tensor rowptr, Tensor cols) -> int");
+}
+
+TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
+  m.impl("sparse_conv_forward", &sparse_conv_forward_cpu);
+  m.impl("sparse_act_pack", &sparse_act_pack_cpu);
+  m.impl("sparse_conv_backward", &sparse_conv_backward_cpu);
+  m.impl("support_escapes", &support_escapes_cpu);
+}
+
+}  // namespace sparsefl

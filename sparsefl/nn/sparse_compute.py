@@ -1,0 +1,272 @@
+"""Powerprop layers that compute on their support: set_compute(model, "dense"|"sparse"|"auto").
+
+Under Powerprop with beta > 1 a zero weight gets exactly zero gradient, so during a round
+the support S of omega cannot grow, and a layer only needs its |S| weights: the forward
+pass and the input gradient read theta_S, and the weight gradient is needed on S only and
+reads the layer input after activation pruning, kept compressed (sparsefl.ops.sparse_conv;
+the arithmetic is in docs/architecture.md).
+
+    choice = set_compute(model, "auto", sample=xb)    # once per round, after loading weights
+
+- "dense": today's path (dense conv/linear on theta, activation pruning as configured).
+- "sparse": every Powerprop layer computes on the support of omega taken now.  Call again
+  whenever the weights change outside training (a new global model): each training forward
+  checks that no weight outside the packed support is nonzero and raises otherwise.
+- "auto": per layer, the faster of the two, measured once per (layer shape, input shape,
+  density bucket) with a short calibration on random data of the real shapes and the
+  layer's real support, and cached for the process.  `sample` (a batch of inputs) gives
+  the input shapes; without it a layer calibrates at its first training forward.
+
+Refused (ValueError), for "sparse": beta = 1 (a zero weight gets a gradient, the support
+may grow) unless `fixed_support=True` says a mask keeps it fixed (FLASH), grouped or
+dilated convolutions, padding given as a string or larger than kernel - 1.  "auto" keeps
+such layers dense.  Returns {layer name: "sparse" | "dense" | "auto"} ("auto": not yet
+calibrated).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsefl.nn.powerprop import ACT_PRUNE_SECONDS, POWERPROP, PowerpropConv2d
+from sparsefl.ops import keep_count
+from sparsefl.ops import sparse_conv as sc
+
+MODES = ("dense", "sparse", "auto")
+
+# (layer kind, weight shape, stride, padding, input shape, pruning, density bucket) -> choice
+_AUTO_CACHE: dict[tuple, str] = {}
+# The measurements behind each cached choice: key -> (dense seconds, sparse seconds).
+AUTO_TIMINGS: dict[tuple, tuple[float, float]] = {}
+
+
+def _geometry(m: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel, stride, padding) of a Powerprop layer (Linear: 1x1)."""
+    if isinstance(m, PowerpropConv2d):
+        return tuple(m.kernel_size), tuple(m.stride), tuple(m.padding)  # type: ignore[return-value]
+    return (1, 1), (1, 1), (0, 0)
+
+
+def unsupported(m: nn.Module, fixed_support: bool = False) -> str | None:
+    """Why the sparse path would be wrong for this layer, or None."""
+    if m.beta == 1.0 and not fixed_support:
+        return ("beta = 1: zero weights get gradients, so the support may grow during "
+                "training (pass fixed_support=True if a mask keeps it fixed)")
+    if isinstance(m, PowerpropConv2d):
+        if m.groups != 1:
+            return f"groups = {m.groups} (only 1 is supported)"
+        if tuple(m.dilation) != (1, 1):
+            return f"dilation = {tuple(m.dilation)} (only 1 is supported)"
+        if isinstance(m.padding, str):
+            return f"padding = {m.padding!r} (give numbers)"
+        if any(p > k - 1 for p, k in zip(m.padding, m.kernel_size)):
+            return f"padding {tuple(m.padding)} larger than kernel - 1"
+    return None
+
+
+class _SparseLayer(torch.autograd.Function):
+    """y = layer(x) on the support; backward gives dx and Powerprop's domega (0 off S)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, omega: Tensor, bias: Tensor | None, m: nn.Module,
+                prune: bool) -> Tensor:
+        sup: sc.Support = m._support
+        kernel, stride, padding = _geometry(m)
+        conv = isinstance(m, PowerpropConv2d)
+        x4 = x if conv else x.reshape(-1, m.in_features, 1, 1)
+        w4 = omega if conv else omega.view(m.out_features, m.in_features, 1, 1)
+        native = m._native
+        if native:
+            y = torch.ops.sparsefl_C.sparse_conv_forward(x4, w4, m.beta, sup.rowptr, sup.cols,
+                                                         bias, stride, padding)
+        else:
+            y = sc.sparse_conv_forward(x4, w4, m.beta, sup, bias, stride, padding)
+        ctx.m, ctx.x_shape, ctx.x4_shape = m, x.shape, tuple(x4.shape)
+        ctx.has_bias = bias is not None
+        if ctx.needs_input_grad[1]:
+            t0 = time.perf_counter()
+            k = keep_count(x4.numel(), m.act_density) if prune else -1
+            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, kernel) if native
+                    else tuple(sc.sparse_act_pack(x4, k, kernel)))
+            ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
+            ctx.save_for_backward(omega, *pack)
+        else:
+            ctx.save_for_backward(omega)
+        return y if conv else y.reshape(*x.shape[:-1], m.out_features)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        m = ctx.m
+        sup: sc.Support = m._support
+        kernel, stride, padding = _geometry(m)
+        conv = isinstance(m, PowerpropConv2d)
+        omega, *pack = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w4 = omega if conv else omega.view(m.out_features, m.in_features, 1, 1)
+        gy4 = gy.contiguous() if conv else gy.reshape(-1, m.out_features, 1, 1)
+        if not pack:
+            pack = [torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int32),
+                    torch.empty(0)]
+        dx = dw = db = None
+        if need_dx or need_dw:
+            args = (gy4, *pack, w4, m.beta, sup.rowptr, sup.cols, sup.cptr, sup.cent,
+                    list(ctx.x4_shape), list(stride), list(padding), need_dx, need_dw)
+            if m._native:
+                dx, dw = torch.ops.sparsefl_C.sparse_conv_backward(*args)
+            else:
+                dx, dw = sc._ref.sparse_conv_backward(*args)
+            if need_dx:
+                dx = dx.reshape(ctx.x_shape)
+            if need_dw:
+                dw = dw.view(omega.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy4.sum((0, 2, 3))
+        return dx, dw, db, None, None
+
+
+def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
+    """The sparse path of a Powerprop layer (called from its forward)."""
+    if m.compute == "auto":
+        _decide(m, tuple(x.shape))
+        if m.compute == "dense":
+            return m._dense_forward(x)
+    if m.training and torch.is_grad_enabled():
+        sup = m._support
+        escaped = (torch.ops.sparsefl_C.support_escapes(m.weight.detach(), sup.rowptr, sup.cols)
+                   if m._native else _escapes_reference(m.weight.detach(), sup))
+        if escaped:
+            raise RuntimeError(
+                f"sparsefl: {escaped} nonzero weights of a {type(m).__name__} lie outside the "
+                "support packed by set_compute(); the weights changed since (a new model was "
+                "loaded?): call set_compute(model, ...) again")
+    return _SparseLayer.apply(x, m.weight, m.bias, m, m._pruning())
+
+
+def _escapes_reference(w: Tensor, sup: sc.Support) -> int:
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    mask[sup.cent.long()] = True
+    return int(((w.reshape(-1) != 0) & ~mask).sum())
+
+
+def _density_bucket(d: float) -> int:
+    """Quarter-octave buckets of the weight density (1, 0.84, 0.71, 0.59, 0.5, ...)."""
+    return 0 if d <= 0 else round(-4 * math.log2(d))
+
+
+def _key(m: nn.Module, x_shape: tuple[int, ...]) -> tuple:
+    kernel, stride, padding = _geometry(m)
+    density = m._support.nnz / max(m.weight.numel(), 1)
+    return (type(m).__name__, tuple(m.weight.shape), stride, padding, x_shape,
+            m._pruning_configured(), _density_bucket(density), m.weight.dtype)
+
+
+def _time_pass(m: nn.Module, x: Tensor, gy: Tensor, path) -> float:
+    t0 = time.perf_counter()
+    y = path(x)
+    torch.autograd.grad(y, [x, m.weight], gy)
+    return time.perf_counter() - t0
+
+
+def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 3) -> tuple[float, float]:
+    """Median seconds of forward + backward, (dense, sparse), on random inputs of this shape
+    with the layer's own weights and support; nothing of the layer changes."""
+    gen = torch.Generator().manual_seed(0)
+    dev, dt = m.weight.device, m.weight.dtype
+    x = torch.randn(x_shape, generator=gen).abs().to(dev, dt).requires_grad_(True)
+    was_training, act_seconds = m.training, ACT_PRUNE_SECONDS[0]
+    m.train()
+    try:
+        with torch.enable_grad():
+            y = m._dense_forward(x)
+            gy = torch.randn(y.shape, generator=gen).to(dev, dt)
+            dense = lambda t: m._dense_forward(t)  # noqa: E731
+            sparse = lambda t: _SparseLayer.apply(t, m.weight, m.bias, m, m._pruning())  # noqa: E731
+            _time_pass(m, x, gy, dense)
+            _time_pass(m, x, gy, sparse)
+            td, ts = [], []
+            for _ in range(reps):  # interleaved: drift hits both alike
+                td.append(_time_pass(m, x, gy, dense))
+                ts.append(_time_pass(m, x, gy, sparse))
+    finally:
+        m.train(was_training)
+        ACT_PRUNE_SECONDS[0] = act_seconds
+    return sorted(td)[reps // 2], sorted(ts)[reps // 2]
+
+
+def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
+    key = _key(m, x_shape)
+    if key not in _AUTO_CACHE:
+        td, ts = _calibrate(m, x_shape)
+        AUTO_TIMINGS[key] = (td, ts)
+        _AUTO_CACHE[key] = "sparse" if ts < td else "dense"
+    m.compute = _AUTO_CACHE[key]
+    return m.compute
+
+
+def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+    hooks = [mod.register_forward_pre_hook(
+        lambda mod, args: shapes.setdefault(mod, tuple(args[0].shape)))
+        for mod in model.modules() if isinstance(mod, POWERPROP)]
+    was_training = model.training
+    layers = [mod for mod in model.modules() if isinstance(mod, POWERPROP)]
+    modes = [mod.compute for mod in layers]
+    try:
+        for mod in layers:
+            mod.compute = "dense"
+        model.eval()
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, mode in zip(layers, modes):
+            mod.compute = mode
+        model.train(was_training)
+    return shapes
+
+
+def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
+                fixed_support: bool = False, backend: str | None = None) -> dict[str, str]:
+    """Switch every Powerprop layer of `model` to dense or sparse compute (see the module
+    docstring); returns each layer's choice."""
+    if mode not in MODES:
+        raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
+    from sparsefl.ops import _backend
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, POWERPROP)]
+    if mode == "sparse":
+        for n, m in layers:
+            why = unsupported(m, fixed_support)
+            if why is not None:
+                raise ValueError(f"set_compute: layer {n or type(m).__name__} cannot compute "
+                                 f"sparse: {why}")
+    choice: dict[str, str] = {}
+    for n, m in layers:
+        if mode == "dense" or unsupported(m, fixed_support) is not None:
+            m.compute, m._support = "dense", None
+        else:
+            m._support = sc.pack_support(m.weight)
+            m._native = _backend.resolve(backend, [m.weight],
+                                         native_op="sparse_conv_forward", triton=False) == "cpp"
+            m.compute = mode
+    if mode == "auto" and sample is not None:
+        for m, shape in _input_shapes(model, sample).items():
+            if m.compute == "auto":
+                _decide(m, shape)
+    for n, m in layers:
+        choice[n] = m.compute
+    return choice
+
+
+def compute_summary(choice: dict[str, str]) -> dict[str, Any]:
+    """Counts per choice, for a run's metrics."""
+    out: dict[str, Any] = {"sparse": 0, "dense": 0, "auto": 0}
+    for c in choice.values():
+        out[c] += 1
+    return out
