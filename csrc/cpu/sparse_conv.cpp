@@ -20,17 +20,20 @@
 // SparseProp's idea (vectorise over the batch) with a batch tile, so that the rows a task
 // reads stay in L2 and one layout serves every stride and image size.
 //
-// Input gradient.  dy is laid out the same way but dilated by the stride and padded by
-// KH-1-p (KW-1-p): dyd[co][KH-1-p + oh*s][KW-1-p + ow*s] = dy[co][oh][ow], zero elsewhere.
-// Then dx[ci][ih][iw] = sum_{(co,kh,kw) in S} theta * dyd[co][ih + KH-1-kh][iw + KW-1-kw],
-// a stride-1 convolution with the flipped kernel, the same inner loop.  (Stride 2 reads 3/4
-// zeros of dyd; those layers are few.)
-// Weight gradient.  dtheta[co,ci,kh,kw] = sum over the kept inputs x[n,ci,ih,iw] of
-// x * dyd[co][ih + KH-1-kh][iw + KW-1-kw][n]: the pruned input is stored per (tile, ci) as
-// (q = (ih * Wd + iw) * 16 + lane, value), so every weight of S is one gather-dot over the
-// kept entries of its input channel: work proportional to |S| * density(x), and the dense
-// input is never rebuilt.
-//
+// Gradients (polyphase).  dy goes into pixel tiles too, undilated, with Ph = (KH-1)/s rows
+// (Pw columns) of zeros in front: dyp[co][Ph + oh][Pw + ow] = dy[co][oh][ow].  An input
+// pixel (ih, iw) has phase (a, b) = ((ih+ph) % s, (iw+pw) % s) and grid position
+// (u, v) = ((ih+ph) / s, (iw+pw) / s); exactly the taps with kh % s == a, kw % s == b reach
+// it, each from dyp[co][u + Ph - kh/s][v + Pw - kw/s].  So
+//   dx, per phase:  dx[ci][s*u + a - ph][s*v + b - pw] = sum_{taps of the phase} theta *
+//                   dyp[co][u + Ph - kh/s][v + Pw - kw/s]: the same gather loop (stride 1
+//                   over the dyp grid) with the column support split by phase;
+//   dtheta[co,ci,kh,kw] = sum over the kept inputs of phase (kh%s, kw%s) of
+//                   x * dyp[co][u + Ph - kh/s][v + Pw - kw/s][n]: the pruned input is stored
+//                   per (tile, ci, phase) as (q = (u * Wq + v) * 16 + lane, value), so every
+//                   weight of S is one gather-dot over the kept entries of its channel and
+//                   phase: work proportional to |S| * density(x), and the dense input is
+//                   never rebuilt.  With stride 1 there is one phase.
 // Every output element is computed by one thread in a fixed order: results do not depend
 // on the thread count.  Arithmetic is float32 whatever the storage dtype.
 #include <ATen/ATen.h>
@@ -40,8 +43,10 @@
 #include <torch/library.h>
 
 #include "dtype.h"
+#include "topk_select.h"
 
 #include <algorithm>
+#include <functional>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -107,8 +112,11 @@ struct Geom {
   int64_t NT;           // batch tiles
   int64_t Hp() const { return H + 2 * ph; }
   int64_t Wp() const { return W + 2 * pw; }
-  int64_t Hd() const { return H + KH - 1; }  // dilated-padded dy
-  int64_t Wd() const { return W + KW - 1; }
+  // dy in pixel tiles for the gradients: Ph leading zero rows, Hq rows in all
+  int64_t Ph() const { return (KH - 1) / sh; }
+  int64_t Pw() const { return (KW - 1) / sw; }
+  int64_t Hq() const { return Ph() + (H - 1 + ph) / sh + 1; }
+  int64_t Wq() const { return Pw() + (W - 1 + pw) / sw + 1; }
   int64_t K() const { return C * KH * KW; }  // weights per output channel
 };
 
@@ -137,7 +145,7 @@ Geom make_geom(at::IntArrayRef x_shape, const at::Tensor& omega, at::IntArrayRef
   g.OW = (g.W + 2 * g.pw - g.KW) / g.sw + 1;
   g.NT = (g.N + L - 1) / L;
   // Offsets inside one batch tile are int64; the q of a kept input is int32.
-  TORCH_CHECK_VALUE(g.Hd() * g.Wd() * L < (int64_t{1} << 31), op,
+  TORCH_CHECK_VALUE(g.Hq() * g.Wq() * L < (int64_t{1} << 31), op,
                     ": image too large for the packed activation positions");
   return g;
 }
@@ -252,22 +260,26 @@ SFL_INLINE void to_tiles_range(const T* src, int64_t N, int64_t C, int64_t H, in
 // ---------------------------------------------------------------------------------------
 // The gather convolution: out[n][co][oh][ow] = bias[co] + sum_j val[j] * in[off[j] + pix]
 // ---------------------------------------------------------------------------------------
-// A task is (batch tile, block of output rows) and runs every output channel over it: the
+// A task is (batch tile, block of grid rows) and runs every output channel over it: the
 // input rows the block reads (KH + (rows - 1) * stride rows of every input channel) stay in
-// L2 while all output channels reuse them.  Inside, output pixels are taken R at a time in
-// row-major order (a run may span rows when the image is narrow); boff[r] is pixel r's
-// offset from the tile base.
+// L2 while all output channels reuse them.  Inside, grid pixels are taken R at a time in
+// row-major order (a run may span rows when the grid is narrow); boff[r] is pixel r's
+// offset from the tile base.  Grid pixel (u, v) reads input pixel (iy0 + u*sy, ix0 + v*sx)
+// (plus each tap's offset) and writes output pixel (oy0 + u*osy, ox0 + v*osx).
 
 struct ConvArgs {
   const float* in;        // [NT][Cin][IH][IW][16]
   int64_t in_tile;        // floats per batch tile of `in`
   int64_t in_row;         // IW * 16
-  int64_t sy, sx;         // output pixel -> input pixel strides (in pixels)
+  int64_t iy0, ix0, sy, sx;
   const int64_t* ptr;     // [Cout + 1]
   const int64_t* off;     // [nnz] offset of each nonzero's tap inside a tile
   const float* val;       // [nnz]
   const float* bias;      // [Cout] or null
-  int64_t Cout, OH, OW, N, NT;
+  int64_t Cout, N, NT;
+  int64_t GH, GW;         // grid
+  int64_t OH, OW;         // output plane (NCHW)
+  int64_t oy0, ox0, osy, osx;
   int64_t rows_per_task;
   void* out;              // NCHW, dtype T
 };
@@ -307,36 +319,40 @@ SFL_INLINE void conv_run_tail(const float* tile, const int64_t* boff, const int6
   }
 }
 
-// buf[r][lane] (R pixels x 16 lanes) -> out[lane * img + pix0 + r], lanes < `lanes`.
+// buf[r][lane] (n pixels x 16 lanes) -> out[lane * img + opix[r]], lanes < `lanes`.
 template <typename T>
-SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int64_t img) {
+SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int64_t img,
+                             const int64_t* opix, bool contiguous) {
   if constexpr (std::is_same_v<T, float>) {
-    if (n == 8) {
+    if (n == 8 && contiguous) {
       for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
         v8 r[8];
         for (int i = 0; i < 8; ++i) r[i] = vload<v8>(buf + i * L + l0);
         transpose8(r);  // r[i] = lane l0 + i over the 8 pixels
         const int64_t nl = std::min<int64_t>(8, lanes - l0);
-        for (int64_t i = 0; i < nl; ++i) vstore(out + (l0 + i) * img, r[i]);
+        for (int64_t i = 0; i < nl; ++i) vstore(out + (l0 + i) * img + opix[0], r[i]);
       }
       return;
     }
   }
   for (int64_t i = 0; i < lanes; ++i)
-    for (int r = 0; r < n; ++r) out[i * img + r] = static_cast<T>(buf[r * L + i]);
+    for (int r = 0; r < n; ++r) out[i * img + opix[r]] = static_cast<T>(buf[r * L + i]);
 }
 
 template <typename V, int R, typename T>
 SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float buf[R * L];
-  int64_t boff[R];
+  int64_t boff[R], opix[R];
   T* out = static_cast<T*>(a.out);
-  const int64_t blocks = (a.OH + a.rows_per_task - 1) / a.rows_per_task;
-  const int64_t plane = a.OH * a.OW, img = a.Cout * plane;
+  const int64_t blocks = (a.GH + a.rows_per_task - 1) / a.rows_per_task;
+  const int64_t grid = a.GH * a.GW, plane = a.OH * a.OW, img = a.Cout * plane;
+  // Runs of R grid pixels land on R consecutive output pixels when the grid is the whole
+  // output plane at unit steps.
+  const bool dense_out = a.osy == 1 && a.osx == 1 && a.GW == a.OW && a.ox0 == 0;
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t nt = t / blocks, rb = t % blocks;
-    const int64_t p0 = rb * a.rows_per_task * a.OW;
-    const int64_t p1 = std::min(plane, p0 + a.rows_per_task * a.OW);
+    const int64_t p0 = rb * a.rows_per_task * a.GW;
+    const int64_t p1 = std::min(grid, p0 + a.rows_per_task * a.GW);
     const float* tile = a.in + nt * a.in_tile;
     const int64_t lanes = std::min(L, a.N - nt * L);
     T* o = out + nt * L * img;
@@ -348,11 +364,13 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
         const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));
         for (int r = 0; r < R; ++r) {
           const int64_t q = p + std::min(r, n - 1);
-          boff[r] = (q / a.OW) * a.sy * a.in_row + (q % a.OW) * a.sx * L;
+          const int64_t u = q / a.GW, v = q % a.GW;
+          boff[r] = (a.iy0 + u * a.sy) * a.in_row + (a.ix0 + v * a.sx) * L;
+          opix[r] = (a.oy0 + u * a.osy) * a.OW + a.ox0 + v * a.osx;
         }
         if (n == R) conv_run<V, R>(tile, boff, a.off, a.val, j0, j1, b, buf);
         else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
-        write_pixels<T>(buf, n, lanes, oc + p, img);
+        write_pixels<T>(buf, n, lanes, oc, img, opix, dense_out);
       }
     }
   }
@@ -433,7 +451,7 @@ void run_conv(const ConvArgs& a) {
   auto fn = isa() == Isa::kAvx512 ? &conv_tasks_avx512<T>
           : isa() == Isa::kAvx2   ? &conv_tasks_avx2<T>
                                   : &conv_tasks_portable<T>;
-  const int64_t tasks = a.NT * ((a.OH + a.rows_per_task - 1) / a.rows_per_task);
+  const int64_t tasks = a.NT * ((a.GH + a.rows_per_task - 1) / a.rows_per_task);
   at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
 }
 
@@ -487,10 +505,12 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
   a.in = xt.data_ptr<float>();
   a.in_tile = g.C * Hp * Wp * L;
   a.in_row = Wp * L;
-  a.sy = g.sh; a.sx = g.sw;
+  a.iy0 = 0; a.ix0 = 0; a.sy = g.sh; a.sx = g.sw;
   a.ptr = rp; a.off = off.data(); a.val = val.data();
   a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
-  a.Cout = g.Co; a.OH = g.OH; a.OW = g.OW; a.N = g.N; a.NT = g.NT;
+  a.Cout = g.Co; a.N = g.N; a.NT = g.NT;
+  a.GH = g.OH; a.GW = g.OW; a.OH = g.OH; a.OW = g.OW;
+  a.oy0 = 0; a.ox0 = 0; a.osy = 1; a.osx = 1;
   a.rows_per_task = std::max<int64_t>(1, (8 + g.OW - 1) / g.OW);
   a.out = y.data_ptr();
   dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
@@ -503,62 +523,227 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
 }
 
 // ---------------------------------------------------------------------------------------
-// Activation packing: the kept inputs per (batch tile, input channel), in dyd coordinates
+// Activation packing: the kept inputs per (batch tile, input channel, phase), at their
+// positions in the dyp grid
 // ---------------------------------------------------------------------------------------
+
+// Where a layer's weight gradient looks for its input (see the top of the file).
+struct PackGeom {
+  int64_t N, C, H, W, sh, sw, ph, pw, Wq, NT;
+  int64_t groups() const { return NT * C * sh * sw; }
+};
+
+PackGeom pack_geom(at::IntArrayRef x_shape, at::IntArrayRef kernel, at::IntArrayRef stride,
+                   at::IntArrayRef padding, const char* op) {
+  TORCH_CHECK_VALUE(x_shape.size() == 4, op, ": input must be 4-D (N, C, H, W)");
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+                    ": kernel, stride and padding must have 2 entries");
+  PackGeom p{};
+  p.N = x_shape[0]; p.C = x_shape[1]; p.H = x_shape[2]; p.W = x_shape[3];
+  p.sh = stride[0]; p.sw = stride[1]; p.ph = padding[0]; p.pw = padding[1];
+  TORCH_CHECK_VALUE(kernel[0] >= 1 && kernel[1] >= 1 && p.sh >= 1 && p.sw >= 1, op,
+                    ": kernel and stride must be >= 1");
+  TORCH_CHECK_VALUE(p.ph >= 0 && p.pw >= 0 && p.ph < kernel[0] && p.pw < kernel[1], op,
+                    ": padding must lie in [0, kernel - 1]");
+  TORCH_CHECK_VALUE(p.C >= 1 && p.H >= 1 && p.W >= 1, op, ": empty channel or spatial dim");
+  p.Wq = (kernel[1] - 1) / p.sw + (p.W - 1 + p.pw) / p.sw + 1;
+  const int64_t Hq = (kernel[0] - 1) / p.sh + (p.H - 1 + p.ph) / p.sh + 1;
+  TORCH_CHECK_VALUE(Hq * p.Wq * L < (int64_t{1} << 31), op,
+                    ": image too large for int32 positions");
+  p.NT = (p.N + L - 1) / L;
+  return p;
+}
+
+// The packed entries of one group, plus the candidates (keys inside the threshold bracket)
+// that the exact threshold may still drop.
+struct GroupPack {
+  std::vector<int32_t> q;
+  std::vector<float> v;
+  struct Cand {
+    uint32_t key;
+    int32_t pos;   // index into q / v
+    int64_t flat;  // NCHW index (ties go to the lower one)
+  };
+  std::vector<Cand> cand;
+};
+
+// One pass over group g (tile nt, channel c, phase a, b), images outer and pixels inner
+// (row-contiguous reads): every entry with key >= lo is appended, branch-free, in (lane,
+// u, v) order; keys in [lo, hi] are also noted as candidates when `track`.  Returns the
+// count of keys > hi and the largest key (NaN check).
+template <typename T>
+std::pair<int64_t, uint32_t> pack_group(const T* x, const PackGeom& p, int64_t g, uint32_t lo,
+                                        uint32_t hi, bool track, GroupPack& out,
+                                        std::vector<int32_t>& sq, std::vector<float>& sv,
+                                        std::vector<uint32_t>& sk) {
+  const int64_t b = g % p.sw, a = (g / p.sw) % p.sh, c = (g / (p.sw * p.sh)) % p.C;
+  const int64_t nt = g / (p.sw * p.sh * p.C);
+  const int64_t lanes = std::min(L, p.N - nt * L), HW = p.H * p.W;
+  const int64_t base = (nt * L * p.C + c) * HW, img = p.C * HW;
+  const int64_t u0 = a >= p.ph ? 0 : (p.ph - a + p.sh - 1) / p.sh;
+  const int64_t v0 = b >= p.pw ? 0 : (p.pw - b + p.sw - 1) / p.sw;
+  const int64_t ih0 = u0 * p.sh + a - p.ph, iw0 = v0 * p.sw + b - p.pw;
+  int64_t cnt = 0, above = 0;
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < lanes; ++i)
+    for (int64_t u = u0, ih = ih0; ih < p.H; ++u, ih += p.sh) {
+      const T* row = x + base + i * img + ih * p.W;
+      const int64_t qrow = u * p.Wq * L + i;
+      for (int64_t vv = v0, iw = iw0; iw < p.W; ++vv, iw += p.sw) {
+        const float val = static_cast<float>(row[iw]);
+        const uint32_t key = magnitude_key(val);
+        sq[cnt] = static_cast<int32_t>(qrow + vv * L);
+        sv[cnt] = val;
+        sk[cnt] = key;
+        cnt += key >= lo;
+        above += key > hi;
+        mx = std::max(mx, key);
+      }
+    }
+  out.q.assign(sq.begin(), sq.begin() + cnt);
+  out.v.assign(sv.begin(), sv.begin() + cnt);
+  out.cand.clear();
+  if (track)
+    for (int64_t t = 0; t < cnt; ++t)
+      if (sk[t] <= hi) {
+        const int64_t pix = sq[t] / L, i = sq[t] % L;
+        const int64_t ih = (pix / p.Wq) * p.sh + a - p.ph, iw = (pix % p.Wq) * p.sw + b - p.pw;
+        out.cand.push_back({sk[t], static_cast<int32_t>(t), base + i * img + ih * p.W + iw});
+      }
+  return {above, mx};
+}
 
 // k >= 0: exactly the entries torch.ops.sparsefl_C.topk_compress keeps (largest |x|, ties
 // to the lower NCHW index); k == -1: every nonzero (no pruning; exact, zeros add nothing).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(const at::Tensor& x_in,
-                                                                   int64_t k,
-                                                                   at::IntArrayRef kernel) {
+// Selection without a separate threshold pass: a strided sample of the keys brackets the
+// k-th largest in [lo, hi]; one pass over the groups keeps every key >= lo and notes the
+// keys in [lo, hi]; the exact k-th key and its tie cutoff come from those candidates, which
+// are then filtered.  If the bracket misses (rare), the radix select gives the threshold
+// and the pass runs again with it: exact either way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
+    const at::Tensor& x_in, int64_t k, at::IntArrayRef kernel, at::IntArrayRef stride,
+    at::IntArrayRef padding) {
   const char* op = "sparsefl.sparse_act_pack";
   check_float(x_in, op, "input");
-  TORCH_CHECK_VALUE(x_in.dim() == 4, op, ": input must be 4-D (N, C, H, W)");
-  TORCH_CHECK_VALUE(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1, op,
-                    ": kernel must be two sizes >= 1");
+  const PackGeom pg = pack_geom(x_in.sizes(), kernel, stride, padding, op);
   const at::Tensor x = x_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t NT = (N + L - 1) / L, HW = H * W;
-  const int64_t Wd = W + kernel[1] - 1;
-  TORCH_CHECK_VALUE((H + kernel[0] - 1) * Wd * L < (int64_t{1} << 31), op,
-                    ": image too large for int32 positions");
-  TORCH_CHECK_VALUE(k >= -1 && k <= x.numel(), op, ": k = ", k, " is outside [-1, ",
-                    x.numel(), "]");
-  at::Tensor idx;  // kept NCHW flat indices, ascending
-  if (k == -1) {
-    idx = x.reshape(-1).nonzero().reshape(-1);
-    TORCH_CHECK_VALUE(!at::isnan(x).any().item<bool>(), op, ": input contains NaN");
+  const int64_t G = pg.groups(), n = x.numel();
+  TORCH_CHECK_VALUE(k >= -1 && k <= n, op, ": k = ", k, " is outside [-1, ", n, "]");
+  std::vector<GroupPack> groups(G);
+  const int64_t max_group = ((pg.H + pg.sh - 1) / pg.sh) * ((pg.W + pg.sw - 1) / pg.sw) * L;
+
+  // One pass over all groups with bracket [lo, hi]; returns (count above hi, max key).
+  auto pass = [&](uint32_t lo, uint32_t hi, bool track) {
+    std::atomic<int64_t> above{0};
+    std::atomic<uint32_t> kmax{0};
+    dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const T* xs = x.data_ptr<T>();
+      at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<int32_t> sq(max_group);
+        std::vector<float> sv(max_group);
+        std::vector<uint32_t> sk(max_group);
+        int64_t ab = 0;
+        uint32_t mx = 0;
+        for (int64_t g = g0; g < g1; ++g) {
+          auto [a, m] = pack_group(xs, pg, g, lo, hi, track, groups[g], sq, sv, sk);
+          ab += a;
+          mx = std::max(mx, m);
+        }
+        above += ab;
+        uint32_t prev = kmax.load();
+        while (prev < mx && !kmax.compare_exchange_weak(prev, mx)) {}
+      });
+    });
+    TORCH_CHECK_VALUE(kmax.load() <= 0x7f800000u, op, ": input contains NaN");
+    return above.load();
+  };
+
+  if (k == -1 || k == n || k == 0 || n == 0) {
+    // nonzeros (key >= 1), everything (key >= 0) or nothing
+    pass(k == -1 ? 1u : k == 0 ? 0xffffffffu : 0u, 0xffffffffu, false);
   } else {
-    static auto topk = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("sparsefl_C::topk_compress", "")
-                           .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList,
-                                                                     at::TensorList, int64_t)>();
-    idx = std::get<0>(topk.call({x}, {}, k));
+    // Bracket from a strided sample of 16K keys.
+    const int64_t step = std::max<int64_t>(1, n / 16384);
+    std::vector<uint32_t> sample;
+    dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const T* xs = x.data_ptr<T>();
+      for (int64_t i = step / 2; i < n; i += step)
+        sample.push_back(magnitude_key(static_cast<float>(xs[i])));
+    });
+    const int64_t m = static_cast<int64_t>(sample.size());
+    const double r = static_cast<double>(k) * m / n;
+    const double margin = 4.0 * std::sqrt(r + 1.0) + 8.0;
+    const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
+    const int64_t r_lo = static_cast<int64_t>(std::ceil(r + margin));
+    auto rank = [&](int64_t i) {  // the i-th largest sample key
+      std::nth_element(sample.begin(), sample.begin() + i, sample.end(),
+                       std::greater<uint32_t>());
+      return sample[i];
+    };
+    const uint32_t hi = r_hi < 0 ? 0xffffffffu : rank(r_hi);
+    const uint32_t lo = r_lo >= m ? 0u : rank(r_lo);
+    const int64_t c_gt = pass(lo, hi, true);
+    std::vector<GroupPack::Cand> all;
+    for (const auto& gp : groups) all.insert(all.end(), gp.cand.begin(), gp.cand.end());
+    const int64_t nc = static_cast<int64_t>(all.size());
+    MagnitudeCut cut;
+    bool exact_pass = false;
+    if (c_gt < k && k <= c_gt + nc) {
+      const int64_t want = k - c_gt;  // the want-th largest candidate is the k-th key
+      std::nth_element(all.begin(), all.begin() + (want - 1), all.end(),
+                       [](const auto& a, const auto& b) { return a.key > b.key; });
+      cut.key = all[want - 1].key;
+      int64_t gt = 0;
+      std::vector<int64_t> ties;
+      for (const auto& c : all) {
+        gt += c.key > cut.key;
+        if (c.key == cut.key) ties.push_back(c.flat);
+      }
+      const int64_t need_eq = want - gt;
+      if (need_eq >= static_cast<int64_t>(ties.size())) {
+        cut.tie_cutoff = INT64_MAX;
+      } else {
+        std::nth_element(ties.begin(), ties.begin() + (need_eq - 1), ties.end());
+        cut.tie_cutoff = ties[need_eq - 1];
+      }
+    } else {  // bracket missed: exact radix threshold, and a second pass
+      cut = magnitude_cut(x, k);
+      pass(cut.key, cut.key, true);
+      exact_pass = true;
+    }
+    // Drop the candidates below the cut (keys in the bracket not kept), in place.
+    at::parallel_for(0, G, 8, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        auto& gp = groups[g];
+        if (gp.cand.empty()) continue;
+        std::vector<char> drop(gp.q.size(), 0);
+        for (const auto& c : gp.cand)
+          drop[c.pos] = !(c.key > cut.key || (c.key == cut.key && c.flat <= cut.tie_cutoff));
+        size_t w = 0;
+        for (size_t t = 0; t < gp.q.size(); ++t)
+          if (!drop[t]) { gp.q[w] = gp.q[t]; gp.v[w] = gp.v[t]; ++w; }
+        gp.q.resize(w);
+        gp.v.resize(w);
+      }
+    });
+    (void)exact_pass;
   }
-  const int64_t nnz = idx.numel();
-  auto ptr = at::zeros({NT * C + 1}, x.options().dtype(at::kLong));
-  auto q = at::empty({nnz}, x.options().dtype(at::kInt));
-  auto v = at::empty({nnz}, x.options().dtype(at::kFloat));
-  const int64_t* ip = idx.data_ptr<int64_t>();
+
+  auto ptr = at::empty({G + 1}, x.options().dtype(at::kLong));
   int64_t* pp = ptr.data_ptr<int64_t>();
-  // Counting sort by group (tile, channel); within a group, NCHW order.
-  for (int64_t e = 0; e < nnz; ++e) {
-    const int64_t f = ip[e], n = f / (C * HW), c = (f / HW) % C;
-    ++pp[(n / L) * C + c + 1];
-  }
-  for (int64_t gi = 0; gi < NT * C; ++gi) pp[gi + 1] += pp[gi];
-  std::vector<int64_t> cur(pp, pp + NT * C);
+  pp[0] = 0;
+  for (int64_t g = 0; g < G; ++g) pp[g + 1] = pp[g] + static_cast<int64_t>(groups[g].q.size());
+  TORCH_CHECK(k < 0 || pp[G] == k, op, ": internal error, kept ", pp[G], " of k = ", k);
+  auto q = at::empty({pp[G]}, x.options().dtype(at::kInt));
+  auto v = at::empty({pp[G]}, x.options().dtype(at::kFloat));
   int32_t* qp = q.data_ptr<int32_t>();
   float* vp = v.data_ptr<float>();
-  dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* xs = x.data_ptr<T>();
-    for (int64_t e = 0; e < nnz; ++e) {
-      const int64_t f = ip[e], n = f / (C * HW), c = (f / HW) % C, hw = f % HW;
-      const int64_t h = hw / W, w = hw % W;
-      const int64_t slot = cur[(n / L) * C + c]++;
-      qp[slot] = static_cast<int32_t>((h * Wd + w) * L + (n % L));
-      vp[slot] = static_cast<float>(xs[f]);
+  at::parallel_for(0, G, 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      std::copy(groups[g].q.begin(), groups[g].q.end(), qp + pp[g]);
+      std::copy(groups[g].v.begin(), groups[g].v.end(), vp + pp[g]);
     }
   });
   return {ptr, q, v};
@@ -569,18 +754,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(const at::Ten
 // ---------------------------------------------------------------------------------------
 
 // Weight gradient, per batch tile (tiles in order, so each sum has a fixed order): a task
-// is one output channel; its dyd plane (L2-sized) serves all its nonzeros, and the packed
-// inputs of the tile (5% of it) stay in L2 across channels.
+// is one output channel; its dyp plane (L2-sized) serves all its nonzeros, and the packed
+// inputs of the tile (a few % of it) stay in L2 across channels.
 struct WgradArgs {
-  const float* dyd;        // dyd of one batch tile: [Co][Hd][Wd][16]
-  int64_t C;
-  const int64_t* xptr;     // this tile's groups: [C + 1] (a slice of the full pointer)
+  const float* dyp;        // dyp of one batch tile: [Co][Hq][Wq][16]
+  const int64_t* xptr;     // this tile's groups: [C * sh * sw + 1] (a slice)
   const int32_t* xq;
   const float* xv;
   const int64_t* rowptr;   // [Co + 1]
-  const int32_t* cols;     // flat column of each row entry
-  const int64_t* roff;     // dyd offset of each row entry's tap
-  int64_t KK;
+  const int64_t* rgrp;     // group (ci, phase) of each row entry, relative to the tile
+  const int64_t* roff;     // dyp offset of each row entry's tap
 };
 
 SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v, int64_t n) {
@@ -600,9 +783,8 @@ SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v,
 SFL_INLINE void wgrad_rows(const WgradArgs& a, int64_t lo, int64_t hi, float* dth) {
   for (int64_t co = lo; co < hi; ++co)
     for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
-      const int64_t ci = a.cols[j] / a.KK;
-      const int64_t e0 = a.xptr[ci], e1 = a.xptr[ci + 1];
-      dth[j] += gather_dot(a.dyd + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
+      const int64_t e0 = a.xptr[a.rgrp[j]], e1 = a.xptr[a.rgrp[j] + 1];
+      dth[j] += gather_dot(a.dyp + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
     }
 }
 
@@ -619,8 +801,8 @@ void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
 std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
     const at::Tensor& omega_in, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
-    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape, at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx,
-    bool need_dw) {
+    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw) {
   const char* op = "sparsefl.sparse_conv_backward";
   check_float(dy_in, op, "grad_output");
   check_float(omega_in, op, "weight");
@@ -637,6 +819,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
                     ": support rows and columns hold different entry counts");
   const int64_t KK = g.KH * g.KW, nnz = cent.numel();
+  const int64_t S = g.sh * g.sw;  // phases
   const int32_t* ce = cent.data_ptr<int32_t>();
   const int64_t* cpp = cptr.data_ptr<int64_t>();
   {  // every entry of column ci must be a weight of input channel ci
@@ -645,24 +828,29 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
       for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= ((ce[j] % g.K()) / KK) == ci;
     TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
   }
-  const int64_t Hd = g.Hd(), Wd = g.Wd();
+  const int64_t Hq = g.Hq(), Wq = g.Wq(), Ph = g.Ph(), Pw = g.Pw();
   if (need_dw) {
     check_index(xptr, at::kLong, op, "activation pointer");
     check_index(xq, at::kInt, op, "activation positions");
     TORCH_CHECK_TYPE(xv.scalar_type() == at::kFloat && xv.dim() == 1 && xv.device().is_cpu(),
                      op, ": activation values must be a 1-D float32 CPU tensor");
-    TORCH_CHECK_VALUE(xptr.numel() == g.NT * g.C + 1 && xq.numel() == xv.numel(), op,
+    const int64_t G = g.NT * g.C * S;
+    TORCH_CHECK_VALUE(xptr.numel() == G + 1 && xq.numel() == xv.numel(), op,
                       ": packed activation does not match the input shape");
     const int64_t* xp = xptr.data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(xp[0] == 0 && xp[g.NT * g.C] == xq.numel(), op,
+    TORCH_CHECK_VALUE(xp[0] == 0 && xp[G] == xq.numel(), op,
                       ": activation pointer must run from 0 to the entry count");
-    for (int64_t i = 0; i < g.NT * g.C; ++i)
+    for (int64_t i = 0; i < G; ++i)
       TORCH_CHECK_VALUE(xp[i] <= xp[i + 1], op, ": activation pointer is not ascending");
     const int32_t* qq = xq.data_ptr<int32_t>();
     bool ok = true;
-    for (int64_t e = 0; e < xq.numel(); ++e) {
-      const int64_t pix = qq[e] / L;
-      ok &= (qq[e] >= 0) & (pix / Wd < g.H) & (pix % Wd < g.W);
+    for (int64_t gi = 0; gi < G; ++gi) {  // (u, v) must be a pixel of the group's phase
+      const int64_t b = gi % g.sw, a = (gi / g.sw) % g.sh;
+      for (int64_t e = xp[gi]; e < xp[gi + 1]; ++e) {
+        const int64_t pix = qq[e] / L, u = pix / Wq, v = pix % Wq;
+        const int64_t ih = u * g.sh + a - g.ph, iw = v * g.sw + b - g.pw;
+        ok &= (qq[e] >= 0) & (ih >= 0) & (ih < g.H) & (iw >= 0) & (iw < g.W);
+      }
     }
     TORCH_CHECK_VALUE(ok, op, ": activation positions out of range");
   }
@@ -673,59 +861,93 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     if (need_dw) dw = at::zeros_like(omega);
     return {dx, dw};
   }
-  // Dilated, padded dy in pixel tiles (shared by both gradients).
-  auto dyd = at::empty({g.NT * g.Co * Hd * Wd * L}, dy.options().dtype(at::kFloat));
+  // dy in pixel tiles with Ph, Pw leading zeros (shared by both gradients).
+  auto dyp = at::empty({g.NT * g.Co * Hq * Wq * L}, dy.options().dtype(at::kFloat));
   dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    to_tiles<T>(dy.data_ptr<T>(), g.N, g.Co, g.OH, g.OW, dyd.data_ptr<float>(), Hd, Wd,
-                g.KH - 1 - g.ph, g.KW - 1 - g.pw, g.sh, g.sw);
+    to_tiles<T>(dy.data_ptr<T>(), g.N, g.Co, g.OH, g.OW, dyp.data_ptr<float>(), Hq, Wq, Ph, Pw,
+                1, 1);
   });
-  std::vector<int64_t> coff(nnz);
-  for (int64_t ci = 0; ci < g.C; ++ci)
-    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
-      const int64_t co = ce[j] / g.K(), r = ce[j] % KK, kh = r / g.KW, kw = r % g.KW;
-      coff[j] = ((co * Hd + (g.KH - 1 - kh)) * Wd + (g.KW - 1 - kw)) * L;
-    }
+  // The dyp offset of a tap, and its phase.
+  auto tap_off = [&](int64_t co, int64_t kh, int64_t kw) {
+    return ((co * Hq + Ph - kh / g.sh) * Wq + Pw - kw / g.sw) * L;
+  };
   const float bf = static_cast<float>(beta), bm1 = static_cast<float>(beta - 1.0);
   if (need_dx) {
-    std::vector<float> val(nnz);
+    // Column support split by phase: pointers [S][C + 1], entries in phase-major order.
+    std::vector<int64_t> pptr(S * (g.C + 1), 0), poff(nnz);
+    std::vector<float> pval(nnz);
+    std::vector<int64_t> fill(S * g.C, 0);
+    for (int64_t ci = 0; ci < g.C; ++ci)
+      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+        const int64_t r = ce[j] % KK, ph_ = ((r / g.KW) % g.sh) * g.sw + (r % g.KW) % g.sw;
+        ++pptr[ph_ * (g.C + 1) + ci + 1];
+      }
+    int64_t run = 0;
+    for (int64_t f = 0; f < S; ++f) {
+      int64_t* pp = pptr.data() + f * (g.C + 1);
+      pp[0] = run;
+      for (int64_t ci = 0; ci < g.C; ++ci) pp[ci + 1] += pp[ci];
+      run = pp[g.C];
+    }
+    for (int64_t f = 0; f < S; ++f)
+      for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = pptr[f * (g.C + 1) + ci];
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* w = omega.data_ptr<T>();
-      for (int64_t j = 0; j < nnz; ++j) val[j] = theta_of(w[ce[j]], bf, bm1);
+      for (int64_t ci = 0; ci < g.C; ++ci)
+        for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+          const int64_t co = ce[j] / g.K(), r = ce[j] % KK, kh = r / g.KW, kw = r % g.KW;
+          const int64_t f = (kh % g.sh) * g.sw + kw % g.sw;
+          const int64_t slot = fill[f * g.C + ci]++;
+          poff[slot] = tap_off(co, kh, kw);
+          pval[slot] = theta_of(w[ce[j]], bf, bm1);
+        }
     });
+    // Every dx pixel belongs to exactly one phase; a phase without taps writes zeros.
     dx = at::empty(x_shape, dy.options());
-    ConvArgs a{};
-    a.in = dyd.data_ptr<float>();
-    a.in_tile = g.Co * Hd * Wd * L;
-    a.in_row = Wd * L;
-    a.sy = 1; a.sx = 1;
-    a.ptr = cpp; a.off = coff.data(); a.val = val.data(); a.bias = nullptr;
-    a.Cout = g.C; a.OH = g.H; a.OW = g.W; a.N = g.N; a.NT = g.NT;
-    a.rows_per_task = std::max<int64_t>(1, (8 + g.W - 1) / g.W);
-    a.out = dx.data_ptr();
-    dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) { run_conv<decltype(tag)>(a); });
+    for (int64_t a_ = 0; a_ < g.sh; ++a_)
+      for (int64_t b_ = 0; b_ < g.sw; ++b_) {
+        const int64_t u0 = a_ >= g.ph ? 0 : (g.ph - a_ + g.sh - 1) / g.sh;
+        const int64_t v0 = b_ >= g.pw ? 0 : (g.pw - b_ + g.sw - 1) / g.sw;
+        const int64_t ih0 = u0 * g.sh + a_ - g.ph, iw0 = v0 * g.sw + b_ - g.pw;
+        if (ih0 >= g.H || iw0 >= g.W) continue;
+        ConvArgs a{};
+        a.in = dyp.data_ptr<float>();
+        a.in_tile = g.Co * Hq * Wq * L;
+        a.in_row = Wq * L;
+        a.iy0 = u0; a.ix0 = v0; a.sy = 1; a.sx = 1;
+        a.ptr = pptr.data() + (a_ * g.sw + b_) * (g.C + 1);
+        a.off = poff.data(); a.val = pval.data(); a.bias = nullptr;
+        a.Cout = g.C; a.N = g.N; a.NT = g.NT;
+        a.GH = (g.H - 1 - ih0) / g.sh + 1; a.GW = (g.W - 1 - iw0) / g.sw + 1;
+        a.OH = g.H; a.OW = g.W;
+        a.oy0 = ih0; a.ox0 = iw0; a.osy = g.sh; a.osx = g.sw;
+        a.rows_per_task = std::max<int64_t>(1, (8 + a.GW - 1) / a.GW);
+        a.out = dx.data_ptr();
+        dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) { run_conv<decltype(tag)>(a); });
+      }
   }
   if (need_dw) {
     dw = at::zeros_like(omega);
     const int32_t* cp = cols.data_ptr<int32_t>();
     const int64_t* rp = rowptr.data_ptr<int64_t>();
-    std::vector<int64_t> roff(nnz);
+    std::vector<int64_t> roff(nnz), rgrp(nnz);
     for (int64_t co = 0; co < g.Co; ++co)
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t r = cp[j] % KK, kh = r / g.KW, kw = r % g.KW;
-        roff[j] = ((co * Hd + (g.KH - 1 - kh)) * Wd + (g.KW - 1 - kw)) * L;
+        const int64_t ci = cp[j] / KK, r = cp[j] % KK, kh = r / g.KW, kw = r % g.KW;
+        roff[j] = tap_off(co, kh, kw);
+        rgrp[j] = (ci * g.sh + kh % g.sh) * g.sw + kw % g.sw;
       }
     std::vector<float> dth(nnz, 0.0f);
     auto fn = isa() == Isa::kAvx512 ? &wgrad_avx512 : isa() == Isa::kAvx2 ? &wgrad_avx2
                                                                           : &wgrad_portable;
     for (int64_t nt = 0; nt < g.NT; ++nt) {
       WgradArgs a{};
-      a.dyd = dyd.data_ptr<float>() + nt * g.Co * Hd * Wd * L;
-      a.C = g.C;
-      a.xptr = xptr.data_ptr<int64_t>() + nt * g.C;
+      a.dyp = dyp.data_ptr<float>() + nt * g.Co * Hq * Wq * L;
+      a.xptr = xptr.data_ptr<int64_t>() + nt * g.C * S;
       a.xq = xq.data_ptr<int32_t>(); a.xv = xv.data_ptr<float>();
-      a.rowptr = rp; a.cols = cp; a.roff = roff.data(); a.KK = KK;
+      a.rowptr = rp; a.rgrp = rgrp.data(); a.roff = roff.data();
       at::parallel_for(0, g.Co, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi, dth.data()); });
     }
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
@@ -777,7 +999,8 @@ int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
         "Tensor? bias, int[] stride, int[] padding) -> Tensor");
-  m.def("sparse_act_pack(Tensor x, int k, int[] kernel) -> (Tensor, Tensor, Tensor)");
+  m.def("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
         "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
         "int[] x_shape, int[] stride, "

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "dtype.h"
+#include "topk_select.h"
 
 #include <array>
 #include <cstdint>
@@ -377,6 +378,40 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cpu(at::TensorList xs, at::Tens
 }
 
 }  // namespace
+
+namespace {
+
+// The threshold from the radix select (two histogram passes), with the tie cutoff.
+MagnitudeCut cut_by_radix(const Prepared& prep, int64_t k) {
+  const Threshold t = find_threshold(prep.parts, prep.blocks, prep.n, k);
+  MagnitudeCut c;
+  c.key = t.key;
+  c.all = t.all;
+  c.none = t.none;
+  if (t.all || t.none || t.need_eq == t.n_eq) {
+    c.tie_cutoff = INT64_MAX;  // every tie kept (or the rule is all/none)
+  } else if (t.need_eq == 0) {
+    c.tie_cutoff = -1;
+  } else {  // some ties kept: the flat index of the last one, found in flat order
+    int64_t seen = 0;
+    c.tie_cutoff = -1;
+    for (const Block& b : prep.blocks) {
+      for_each_key(prep.parts[b.part], b, [&](uint32_t key, int64_t i) {
+        if (key == t.key && seen < t.need_eq && ++seen == t.need_eq) c.tie_cutoff = i;
+      });
+      if (seen == t.need_eq) break;
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+MagnitudeCut magnitude_cut(const at::Tensor& x, int64_t k) {
+  auto prep = prepare({x});
+  check_k(k, prep.n);
+  return cut_by_radix(prep, k);
+}
 
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("topk_mask(Tensor[] xs, int k) -> Tensor[]");

@@ -91,8 +91,8 @@ class _SparseLayer(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             t0 = time.perf_counter()
             k = keep_count(x4.numel(), m.act_density) if prune else -1
-            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, kernel) if native
-                    else tuple(sc.sparse_act_pack(x4, k, kernel)))
+            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, kernel, stride, padding)
+                    if native else tuple(sc.sparse_act_pack(x4, k, kernel, stride, padding)))
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
             ctx.save_for_backward(omega, *pack)
         else:
@@ -109,9 +109,10 @@ class _SparseLayer(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w4 = omega if conv else omega.view(m.out_features, m.in_features, 1, 1)
         gy4 = gy.contiguous() if conv else gy.reshape(-1, m.out_features, 1, 1)
-        if not pack:
-            pack = [torch.zeros(1, dtype=torch.int64), torch.empty(0, dtype=torch.int32),
-                    torch.empty(0)]
+        if not pack:  # no weight gradient: an empty pack of the right group count
+            groups = -(-ctx.x4_shape[0] // sc.LANES) * ctx.x4_shape[1] * stride[0] * stride[1]
+            pack = [torch.zeros(groups + 1, dtype=torch.int64),
+                    torch.empty(0, dtype=torch.int32), torch.empty(0)]
         dx = dw = db = None
         if need_dx or need_dw:
             args = (gy4, *pack, w4, m.beta, sup.rowptr, sup.cols, sup.cptr, sup.cent,

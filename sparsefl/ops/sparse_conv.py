@@ -2,7 +2,7 @@
 
     pack_support(omega)                                   -> Support (once per round)
     sparse_conv_forward(x, omega, beta, support, bias, stride, padding)      -> y
-    sparse_act_pack(x, k, kernel)                         -> ActPack (what backward reads)
+    sparse_act_pack(x, k, kernel, stride, padding)        -> ActPack (what backward reads)
     sparse_conv_backward(dy, pack, omega, beta, support, x_shape, stride, padding,
                          need_dx=True, need_dw=True)      -> (dx, domega)
 
@@ -47,8 +47,8 @@ class ActPack(NamedTuple):
 _lib = torch.library.Library("sparsefl", "FRAGMENT")
 _lib.define("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, "
             "Tensor cols, Tensor? bias, int[] stride, int[] padding, str backend) -> Tensor")
-_lib.define("sparse_act_pack(Tensor x, int k, int[] kernel, str backend) "
-            "-> (Tensor, Tensor, Tensor)")
+_lib.define("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding, "
+            "str backend) -> (Tensor, Tensor, Tensor)")
 _lib.define("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
             "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
             "int[] x_shape, int[] stride, int[] padding, bool need_dx, bool need_dw, str backend) -> (Tensor, Tensor)")
@@ -65,10 +65,10 @@ def _forward_impl(x, omega, beta, rowptr, cols, bias, stride, padding, backend):
     return _ref.sparse_conv_forward(x, omega, beta, rowptr, cols, bias, stride, padding)
 
 
-def _pack_impl(x, k, kernel, backend):
+def _pack_impl(x, k, kernel, stride, padding, backend):
     if _native(backend, [x], "sparse_act_pack"):
-        return torch.ops.sparsefl_C.sparse_act_pack(x, k, kernel)
-    return _ref.sparse_act_pack(x, k, kernel)
+        return torch.ops.sparsefl_C.sparse_act_pack(x, k, kernel, stride, padding)
+    return _ref.sparse_act_pack(x, k, kernel, stride, padding)
 
 
 def _backward_impl(dy, xptr, xq, xv, omega, beta, rowptr, cols, cptr, cent, x_shape, stride,
@@ -102,9 +102,9 @@ def _(x, omega, beta, rowptr, cols, bias, stride, padding, backend):
 
 
 @torch.library.register_fake("sparsefl::sparse_act_pack", lib=_lib)
-def _(x, k, kernel, backend):
+def _(x, k, kernel, stride, padding, backend):
     n = x.shape[0]
-    groups = -(-n // LANES) * x.shape[1] + 1
+    groups = -(-n // LANES) * x.shape[1] * stride[0] * stride[1] + 1
     ctx = torch.library.get_ctx()
     nnz = k if k >= 0 else ctx.new_dynamic_size()
     return (x.new_empty(groups, dtype=torch.int64), x.new_empty(nnz, dtype=torch.int32),
@@ -129,11 +129,13 @@ def sparse_conv_forward(x: Tensor, omega: Tensor, beta: float, support: Support,
         _backend.requested(backend))
 
 
-def sparse_act_pack(x: Tensor, k: int, kernel: Sequence[int], *,
+def sparse_act_pack(x: Tensor, k: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1),
+                    padding: Sequence[int] = (0, 0), *,
                     backend: str | None = None) -> ActPack:
     """The k largest-|x| entries of x (k = -1: every nonzero), packed for the weight
-    gradient of a layer with this kernel size."""
-    return ActPack(*torch.ops.sparsefl.sparse_act_pack(x, int(k), list(kernel),
+    gradient of a layer with this kernel, stride and padding."""
+    return ActPack(*torch.ops.sparsefl.sparse_act_pack(x, int(k), list(kernel), list(stride),
+                                                       list(padding),
                                                        _backend.requested(backend)))
 
 

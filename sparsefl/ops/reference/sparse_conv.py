@@ -5,10 +5,12 @@ support S (a `Support`, the nonzeros of omega when it was packed).  The three op
 
     sparse_conv_forward(x, omega, beta, S, bias, stride, padding)
         = conv2d(x, theta_S, bias, stride, padding)                      (float32 math)
-    sparse_act_pack(x, k, kernel) -> (ptr, q, v)
+    sparse_act_pack(x, k, kernel, stride, padding) -> (ptr, q, v)
         the inputs the weight gradient reads: the same k entries topk_compress(x) keeps
-        (k = -1: every nonzero), grouped per (batch tile of 16 images, channel), each as
-        q = (h * (W + KW - 1) + w) * 16 + n % 16 and its value (float32)
+        (k = -1: every nonzero), grouped per (batch tile of 16 images, channel, phase
+        (a, b) = ((h + ph) % sh, (w + pw) % sw)), each as q = (u * Wq + v) * 16 + n % 16
+        with (u, v) = ((h + ph) // sh, (w + pw) // sw), Wq = (KW-1)//sw + (W-1+pw)//sw + 1,
+        and its value (float32); within a group by image, then (u, v)
     sparse_conv_backward(dy, pack, omega, beta, S, x_shape, stride, padding)
         dx     = conv2d_input(x_shape, theta_S, dy)
         domega = conv2d_weight(x_pruned, dy) * beta|omega|^(beta-1) on S, 0 elsewhere
@@ -163,20 +165,32 @@ def sparse_conv_forward(x: Tensor, omega: Tensor, beta: float, rowptr: Tensor, c
     return F.conv2d(x.float(), theta, b, tuple(stride), tuple(padding)).to(x.dtype)
 
 
-def sparse_act_pack(x: Tensor, k: int, kernel) -> tuple[Tensor, Tensor, Tensor]:
+def _pack_geometry(x_shape, kernel, stride, padding, op: str) -> int:
+    """Wq, after the checks the C++ kernel makes."""
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W)")
+    if len(kernel) != 2 or len(stride) != 2 or len(padding) != 2:
+        raise ValueError(f"{op}: kernel, stride and padding must have 2 entries")
+    if min(kernel) < 1 or min(stride) < 1:
+        raise ValueError(f"{op}: kernel and stride must be >= 1")
+    if not (0 <= padding[0] < kernel[0] and 0 <= padding[1] < kernel[1]):
+        raise ValueError(f"{op}: padding must lie in [0, kernel - 1]")
+    if min(x_shape[1:]) < 1:
+        raise ValueError(f"{op}: empty channel or spatial dim")
+    return (kernel[1] - 1) // stride[1] + (x_shape[3] - 1 + padding[1]) // stride[1] + 1
+
+
+def sparse_act_pack(x: Tensor, k: int, kernel, stride, padding) -> tuple[Tensor, Tensor, Tensor]:
     from sparsefl.ops.reference.topk import topk_compress
 
     op = "sparsefl.sparse_act_pack"
     _check_float(x, op, "input")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: input must be 4-D (N, C, H, W)")
-    if len(kernel) != 2 or min(kernel) < 1:
-        raise ValueError(f"{op}: kernel must be two sizes >= 1")
+    wq = _pack_geometry(tuple(x.shape), kernel, stride, padding, op)
     if not -1 <= k <= x.numel():
         raise ValueError(f"{op}: k = {k} is outside [-1, {x.numel()}]")
     n, c, h, w = x.shape
+    (sh, sw), (ph, pw) = stride, padding
     nt = -(-n // LANES)
-    wd = w + kernel[1] - 1
     flat = x.reshape(-1)
     if k == -1:
         if torch.isnan(flat).any():
@@ -185,23 +199,34 @@ def sparse_act_pack(x: Tensor, k: int, kernel) -> tuple[Tensor, Tensor, Tensor]:
     else:
         idx = topk_compress([x], [], k)[0]
     img, ch, hw = idx // (c * h * w), (idx // (h * w)) % c, idx % (h * w)
-    group = (img // LANES) * c + ch
-    order = torch.sort(group, stable=True).indices
-    ptr = torch.zeros(nt * c + 1, dtype=torch.int64, device=x.device)
-    ptr[1:] = torch.bincount(group, minlength=nt * c).cumsum(0)
-    q = ((hw // w) * wd + hw % w) * LANES + img % LANES
+    hh, ww = hw // w + ph, hw % w + pw
+    group = (((img // LANES) * c + ch) * sh + hh % sh) * sw + ww % sw
+    q = ((hh // sh) * wq + ww // sw) * LANES + img % LANES
+    # within a group: image-major, then pixel (the order the kernel reads x in)
+    order = torch.sort(group * 2**36 + (q % LANES) * 2**31 + q // LANES).indices
+    groups = nt * c * sh * sw
+    ptr = torch.zeros(groups + 1, dtype=torch.int64, device=x.device)
+    ptr[1:] = torch.bincount(group, minlength=groups).cumsum(0)
     return ptr, q[order].to(torch.int32), flat[idx[order]].float()
 
 
-def unpack_act(ptr: Tensor, q: Tensor, v: Tensor, x_shape, kernel) -> Tensor:
+def _unpack_positions(ptr: Tensor, q: Tensor, x_shape, kernel, stride, padding):
+    """(image, channel, h, w) of each packed entry (int64 tensors)."""
+    n, c, h, w = x_shape
+    (sh, sw), (ph, pw) = stride, padding
+    wq = (kernel[1] - 1) // sw + (w - 1 + pw) // sw + 1
+    group = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=q.device), ptr.diff())
+    b, a = group % sw, (group // sw) % sh
+    ch, tile = (group // (sw * sh)) % c, group // (sw * sh * c)
+    pix, lane = q.long() // LANES, q.long() % LANES
+    return tile * LANES + lane, ch, (pix // wq) * sh + a - ph, (pix % wq) * sw + b - pw
+
+
+def unpack_act(ptr: Tensor, q: Tensor, v: Tensor, x_shape, kernel, stride=(1, 1),
+               padding=(0, 0)) -> Tensor:
     """The dense pruned input (N, C, H, W) float32 a pack stands for."""
     n, c, h, w = x_shape
-    wd = w + kernel[1] - 1
-    group = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=q.device), ptr.diff())
-    tile, ch = group // c, group % c
-    pix, lane = q.long() // LANES, q.long() % LANES
-    img = tile * LANES + lane
-    hh, ww = pix // wd, pix % wd
+    img, ch, hh, ww = _unpack_positions(ptr, q, x_shape, kernel, stride, padding)
     out = torch.zeros(n * c * h * w, dtype=torch.float32, device=q.device)
     out[((img * c + ch) * h + hh) * w + ww] = v
     return out.view(n, c, h, w)
@@ -244,16 +269,15 @@ def sparse_conv_backward(dy: Tensor, xptr: Tensor, xq: Tensor, xv: Tensor, omega
         if xptr.dtype != torch.int64 or xq.dtype != torch.int32 or xv.dtype != torch.float32:
             raise TypeError(f"{op}: the packed activation must be (int64, int32, float32)")
         nt = -(-n // LANES)
-        if xptr.numel() != nt * c + 1 or xq.numel() != xv.numel():
+        if xptr.numel() != nt * c * stride[0] * stride[1] + 1 or xq.numel() != xv.numel():
             raise ValueError(f"{op}: packed activation does not match the input shape")
         if int(xptr[0]) != 0 or int(xptr[-1]) != xq.numel() or bool((xptr.diff() < 0).any()):
             raise ValueError(f"{op}: activation pointer must ascend from 0 to the entry count")
-        pix = xq.long() // LANES
-        wd = w + kw - 1
-        if xq.numel() and (int(xq.min()) < 0 or bool(((pix // wd) >= h).any())
-                           or bool(((pix % wd) >= w).any())):
+        _, _, hh, ww = _unpack_positions(xptr, xq, x_shape, (kh, kw), stride, padding)
+        if xq.numel() and (int(xq.min()) < 0 or bool((hh < 0).any() | (hh >= h).any())
+                           or bool((ww < 0).any() | (ww >= w).any())):
             raise ValueError(f"{op}: activation positions out of range")
-        xp = unpack_act(xptr, xq, xv, x_shape, (kh, kw))
+        xp = unpack_act(xptr, xq, xv, x_shape, (kh, kw), stride, padding)
         dth = torch.nn.grad.conv2d_weight(xp, tuple(omega.shape), dyf, tuple(stride),
                                           tuple(padding))
         dw = (dth * slope * mask).to(omega.dtype)
