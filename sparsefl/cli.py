@@ -4,7 +4,7 @@
     sparsefl plot RUN_DIR
     sparsefl analyze RUN_DIR
     sparsefl info
-    sparsefl bench sam|topk|aggregate|codec|round|scaling|all
+    sparsefl bench sam|topk|aggregate|codec|round|scaling|sparse-train|all
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ def _bench(args: argparse.Namespace) -> int:
         from sparsefl.bench import scaling
 
         print(scaling.main(args.out, quick=args.quick, threads=args.threads))
+        return 0
+    if args.what == "sparse-train":
+        from sparsefl.bench import sparse_train
+
+        print(sparse_train.run(rounds=args.rounds if args.rounds != 30 else 5, quick=args.quick,
+                               out_dir=args.out))
         return 0
     if args.what == "round":
         from sparsefl.bench import round as round_bench
@@ -157,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
     bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round", "scaling",
-                                          "all"],
+                                        "sparse-train", "all"],
                        help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
                             "aggregate: sparse aggregation; codec: payload sizes; round: one "
-                            "SparsyFed+FedSAM round, engine vs eager, per phase")
+                            "SparsyFed+FedSAM round, engine vs eager, per phase; sparse-train: "
+                            "Powerprop layers and client steps, dense vs sparse vs auto")
     bench.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -211,9 +211,12 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
 
 def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int, ...]]:
     shapes: dict[nn.Module, tuple[int, ...]] = {}
-    hooks = [mod.register_forward_pre_hook(
-        lambda mod, args: shapes.setdefault(mod, tuple(args[0].shape)))
-        for mod in model.modules() if isinstance(mod, POWERPROP)]
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        shapes.setdefault(mod, tuple(args[0].shape))
+
+    hooks = [mod.register_forward_pre_hook(record)
+             for mod in model.modules() if isinstance(mod, POWERPROP)]
     was_training = model.training
     layers = [mod for mod in model.modules() if isinstance(mod, POWERPROP)]
     modes = [mod.compute for mod in layers]
