@@ -46,7 +46,10 @@
 #include "topk_select.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -546,6 +549,7 @@ PackGeom pack_geom(at::IntArrayRef x_shape, at::IntArrayRef kernel, at::IntArray
   TORCH_CHECK_VALUE(p.ph >= 0 && p.pw >= 0 && p.ph < kernel[0] && p.pw < kernel[1], op,
                     ": padding must lie in [0, kernel - 1]");
   TORCH_CHECK_VALUE(p.C >= 1 && p.H >= 1 && p.W >= 1, op, ": empty channel or spatial dim");
+  TORCH_CHECK_VALUE(p.sh * p.sw <= 64, op, ": stride too large (sh * sw must be <= 64)");
   p.Wq = (kernel[1] - 1) / p.sw + (p.W - 1 + p.pw) / p.sw + 1;
   const int64_t Hq = (kernel[0] - 1) / p.sh + (p.H - 1 + p.ph) / p.sh + 1;
   TORCH_CHECK_VALUE(Hq * p.Wq * L < (int64_t{1} << 31), op,
@@ -554,72 +558,113 @@ PackGeom pack_geom(at::IntArrayRef x_shape, at::IntArrayRef kernel, at::IntArray
   return p;
 }
 
-// The packed entries of one group, plus the candidates (keys inside the threshold bracket)
-// that the exact threshold may still drop.
-struct GroupPack {
+// What one thread packs: a contiguous range of planes [t0, t1), its groups' entries in
+// group order, and the candidates (keys inside the threshold bracket) that the exact
+// threshold may still drop.
+struct PackChunk {
+  int64_t t0 = 0, t1 = 0;
   std::vector<int32_t> q;
   std::vector<float> v;
   struct Cand {
     uint32_t key;
-    int32_t pos;   // index into q / v
-    int64_t flat;  // NCHW index (ties go to the lower one)
+    int64_t pos;  // index into q / v
   };
   std::vector<Cand> cand;
+  int64_t above = 0;
+  uint32_t kmax = 0;
 };
 
-// One pass over group g (tile nt, channel c, phase a, b), images outer and pixels inner
-// (row-contiguous reads): every entry with key >= lo is appended, branch-free, in (lane,
-// u, v) order; keys in [lo, hi] are also noted as candidates when `track`.  Returns the
-// count of keys > hi and the largest key (NaN check).
+// One pass over the plane (tile nt, channel c): images outer, rows inner (each row read
+// once, its phases split while it is in L1); every entry with key >= lo is appended,
+// branch-free, to its phase's staging area in (lane, u, v) order, and the phases are then
+// appended to the chunk in group order; keys in [lo, hi] are noted as candidates when
+// `track`.  counts[g] receives each group's entry count.
+// One row of one phase: appends (branch-free) the entries with key >= lo at qd/vd from n;
+// returns the new count.  A separate function with restrict pointers and local sums, so
+// that everything stays in registers.
 template <typename T>
-std::pair<int64_t, uint32_t> pack_group(const T* x, const PackGeom& p, int64_t g, uint32_t lo,
-                                        uint32_t hi, bool track, GroupPack& out,
-                                        std::vector<int32_t>& sq, std::vector<float>& sv,
-                                        std::vector<uint32_t>& sk) {
-  const int64_t b = g % p.sw, a = (g / p.sw) % p.sh, c = (g / (p.sw * p.sh)) % p.C;
-  const int64_t nt = g / (p.sw * p.sh * p.C);
+__attribute__((noinline)) int64_t scan_row(const T* __restrict row, int64_t iw0, int64_t W,
+                                           int64_t sw, int32_t qv, int32_t* __restrict qd,
+                                           float* __restrict vd, int64_t n, uint32_t lo,
+                                           uint32_t hi, int64_t& above_out,
+                                           uint32_t& max_out) {
+  int64_t above = 0;
+  uint32_t mx = 0;
+  for (int64_t iw = iw0; iw < W; iw += sw, qv += L) {
+    const float val = static_cast<float>(row[iw]);
+    const uint32_t key = magnitude_key(val);
+    qd[n] = qv;
+    vd[n] = val;
+    n += key >= lo;
+    above += key > hi;
+    mx = std::max(mx, key);
+  }
+  above_out += above;
+  max_out = std::max(max_out, mx);
+  return n;
+}
+
+template <typename T>
+void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t lo, uint32_t hi,
+                bool track, PackChunk& out, int32_t* sq, float* sv, int64_t stage,
+                int64_t* counts) {
   const int64_t lanes = std::min(L, p.N - nt * L), HW = p.H * p.W;
   const int64_t base = (nt * L * p.C + c) * HW, img = p.C * HW;
-  const int64_t u0 = a >= p.ph ? 0 : (p.ph - a + p.sh - 1) / p.sh;
-  const int64_t v0 = b >= p.pw ? 0 : (p.pw - b + p.sw - 1) / p.sw;
-  const int64_t ih0 = u0 * p.sh + a - p.ph, iw0 = v0 * p.sw + b - p.pw;
-  int64_t cnt = 0, above = 0;
+  const int64_t phases = p.sh * p.sw;
+  const int64_t g0 = (nt * p.C + c) * phases;
+  int64_t cnt[64] = {0};  // per phase (phases <= 64 is checked by the caller)
+  int64_t above = 0;
   uint32_t mx = 0;
   for (int64_t i = 0; i < lanes; ++i)
-    for (int64_t u = u0, ih = ih0; ih < p.H; ++u, ih += p.sh) {
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
       const T* row = x + base + i * img + ih * p.W;
-      const int64_t qrow = u * p.Wq * L + i;
-      for (int64_t vv = v0, iw = iw0; iw < p.W; ++vv, iw += p.sw) {
-        const float val = static_cast<float>(row[iw]);
-        const uint32_t key = magnitude_key(val);
-        sq[cnt] = static_cast<int32_t>(qrow + vv * L);
-        sv[cnt] = val;
-        sk[cnt] = key;
-        cnt += key >= lo;
-        above += key > hi;
-        mx = std::max(mx, key);
+      for (int64_t b = 0; b < p.sw; ++b) {
+        const int64_t f = a * p.sw + b;
+        const int64_t iw0 = ((b - p.pw) % p.sw + p.sw) % p.sw;  // first iw of phase b
+        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / p.sw) * L + i);
+        cnt[f] = scan_row(row, iw0, p.W, p.sw, qv, sq + f * stage, sv + f * stage, cnt[f], lo,
+                          hi, above, mx);
       }
     }
-  out.q.assign(sq.begin(), sq.begin() + cnt);
-  out.v.assign(sv.begin(), sv.begin() + cnt);
-  out.cand.clear();
-  if (track)
-    for (int64_t t = 0; t < cnt; ++t)
-      if (sk[t] <= hi) {
-        const int64_t pix = sq[t] / L, i = sq[t] % L;
-        const int64_t ih = (pix / p.Wq) * p.sh + a - p.ph, iw = (pix % p.Wq) * p.sw + b - p.pw;
-        out.cand.push_back({sk[t], static_cast<int32_t>(t), base + i * img + ih * p.W + iw});
+  out.above += above;
+  out.kmax = std::max(out.kmax, mx);
+  for (int64_t f = 0; f < phases; ++f) {
+    const int64_t at = static_cast<int64_t>(out.q.size());
+    const int32_t* qd = sq + f * stage;
+    const float* vd = sv + f * stage;
+    out.q.insert(out.q.end(), qd, qd + cnt[f]);
+    out.v.insert(out.v.end(), vd, vd + cnt[f]);
+    counts[g0 + f] = cnt[f];
+    if (track)
+      for (int64_t t = 0; t < cnt[f]; ++t) {
+        const uint32_t key = magnitude_key(vd[t]);
+        if (key <= hi) out.cand.push_back({key, at + t});
       }
-  return {above, mx};
+  }
+}
+
+// The NCHW index of the entry at `pos` of a chunk (ties at the threshold go to the lower).
+int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const int64_t* counts) {
+  int64_t g = ch.t0 * p.sh * p.sw;
+  for (int64_t before = 0;; ++g) {  // the group holding pos
+    if (pos < before + counts[g]) break;
+    before += counts[g];
+  }
+  const int64_t b = g % p.sw, a = (g / p.sw) % p.sh, c = (g / (p.sw * p.sh)) % p.C;
+  const int64_t nt = g / (p.sw * p.sh * p.C);
+  const int64_t pix = ch.q[pos] / L, lane = ch.q[pos] % L;
+  const int64_t ih = (pix / p.Wq) * p.sh + a - p.ph, iw = (pix % p.Wq) * p.sw + b - p.pw;
+  return (((nt * L + lane) * p.C + c) * p.H + ih) * p.W + iw;
 }
 
 // k >= 0: exactly the entries torch.ops.sparsefl_C.topk_compress keeps (largest |x|, ties
 // to the lower NCHW index); k == -1: every nonzero (no pruning; exact, zeros add nothing).
-// Selection without a separate threshold pass: a strided sample of the keys brackets the
-// k-th largest in [lo, hi]; one pass over the groups keeps every key >= lo and notes the
-// keys in [lo, hi]; the exact k-th key and its tie cutoff come from those candidates, which
-// are then filtered.  If the bracket misses (rare), the radix select gives the threshold
-// and the pass runs again with it: exact either way.
+// Selection without a separate threshold pass: a sample of the keys brackets the k-th
+// largest in [lo, hi]; one pass keeps every key >= lo and notes the keys in [lo, hi]; the
+// exact k-th key and its tie cutoff come from those candidates, which are then filtered.
+// If the bracket misses (rare), the radix select gives the threshold and the pass runs
+// again with it: exact either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     const at::Tensor& x_in, int64_t k, at::IntArrayRef kernel, at::IntArrayRef stride,
     at::IntArrayRef padding) {
@@ -627,54 +672,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   check_float(x_in, op, "input");
   const PackGeom pg = pack_geom(x_in.sizes(), kernel, stride, padding, op);
   const at::Tensor x = x_in.contiguous();
-  const int64_t G = pg.groups(), n = x.numel();
+  const int64_t G = pg.groups(), n = x.numel(), planes = pg.NT * pg.C;
   TORCH_CHECK_VALUE(k >= -1 && k <= n, op, ": k = ", k, " is outside [-1, ", n, "]");
-  std::vector<GroupPack> groups(G);
-  const int64_t max_group = ((pg.H + pg.sh - 1) / pg.sh) * ((pg.W + pg.sw - 1) / pg.sw) * L;
+  std::vector<int64_t> counts(G, 0);
+  std::vector<PackChunk> chunks;
+  std::mutex mu;
 
-  // One pass over all groups with bracket [lo, hi]; returns (count above hi, max key).
+  // One pass over all planes with bracket [lo, hi]; returns the count of keys above hi.
   auto pass = [&](uint32_t lo, uint32_t hi, bool track) {
-    std::atomic<int64_t> above{0};
-    std::atomic<uint32_t> kmax{0};
+    chunks.clear();
     dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
-      at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-        std::vector<int32_t> sq(max_group);
-        std::vector<float> sv(max_group);
-        std::vector<uint32_t> sk(max_group);
-        int64_t ab = 0;
-        uint32_t mx = 0;
-        for (int64_t g = g0; g < g1; ++g) {
-          auto [a, m] = pack_group(xs, pg, g, lo, hi, track, groups[g], sq, sv, sk);
-          ab += a;
-          mx = std::max(mx, m);
-        }
-        above += ab;
-        uint32_t prev = kmax.load();
-        while (prev < mx && !kmax.compare_exchange_weak(prev, mx)) {}
+      at::parallel_for(0, planes, 1, [&](int64_t t0, int64_t t1) {
+        PackChunk ch;
+        ch.t0 = t0;
+        ch.t1 = t1;
+        // staging per phase: a plane's entries of one phase, at most this many
+        const int64_t stage = L * ((pg.H + pg.sh - 1) / pg.sh) * ((pg.W + pg.sw - 1) / pg.sw);
+        std::unique_ptr<int32_t[]> sq(new int32_t[stage * pg.sh * pg.sw]);
+        std::unique_ptr<float[]> sv(new float[stage * pg.sh * pg.sw]);
+        ch.q.reserve(static_cast<size_t>((t1 - t0) * stage * pg.sh * pg.sw / 16));
+        ch.v.reserve(ch.q.capacity());
+        for (int64_t t = t0; t < t1; ++t)
+          pack_plane(xs, pg, t / pg.C, t % pg.C, lo, hi, track, ch, sq.get(), sv.get(), stage,
+                     counts.data());
+        std::lock_guard<std::mutex> g(mu);
+        chunks.push_back(std::move(ch));
       });
     });
-    TORCH_CHECK_VALUE(kmax.load() <= 0x7f800000u, op, ": input contains NaN");
-    return above.load();
+    std::sort(chunks.begin(), chunks.end(),
+              [](const PackChunk& a, const PackChunk& b) { return a.t0 < b.t0; });
+    int64_t above = 0;
+    uint32_t kmax = 0;
+    for (const auto& ch : chunks) {
+      above += ch.above;
+      kmax = std::max(kmax, ch.kmax);
+    }
+    TORCH_CHECK_VALUE(kmax <= 0x7f800000u, op, ": input contains NaN");
+    return above;
   };
 
   if (k == -1 || k == n || k == 0 || n == 0) {
     // nonzeros (key >= 1), everything (key >= 0) or nothing
     pass(k == -1 ? 1u : k == 0 ? 0xffffffffu : 0u, 0xffffffffu, false);
+    if (k == 0)
+      for (auto& ch : chunks) ch.q.clear(), ch.v.clear();
+    if (k == 0) std::fill(counts.begin(), counts.end(), 0);
   } else {
-    // Bracket from a strided sample of 16K keys.
-    const int64_t step = std::max<int64_t>(1, n / 16384);
+    // Bracket from a sample of 16K keys taken as 2048 runs of 8 (within a cache line: few
+    // misses), one run at a pseudo-random offset inside each 1/2048 of x (even spacing
+    // would hit the same pixel of every plane); the margin allows for neighbours being alike.
+    constexpr int64_t kRun = 8;
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(2048, n / kRun));
+    const int64_t gap = n / runs;
     std::vector<uint32_t> sample;
+    sample.reserve(runs * kRun);
     dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
-      for (int64_t i = step / 2; i < n; i += step)
-        sample.push_back(magnitude_key(static_cast<float>(xs[i])));
+      uint64_t h = 0x9e3779b97f4a7c15ull;  // fixed seed: the same sample every call
+      for (int64_t r0 = 0; r0 < runs; ++r0) {
+        h = h * 6364136223846793005ull + 1442695040888963407ull;
+        const int64_t start =
+            r0 * gap + static_cast<int64_t>((h >> 33) % std::max<int64_t>(1, gap - kRun + 1));
+        for (int64_t i = start, e = std::min(n, start + kRun); i < e; ++i)
+          sample.push_back(magnitude_key(static_cast<float>(xs[i])));
+      }
     });
     const int64_t m = static_cast<int64_t>(sample.size());
     const double r = static_cast<double>(k) * m / n;
-    const double margin = 4.0 * std::sqrt(r + 1.0) + 8.0;
+    const double margin = 6.0 * std::sqrt(r + 1.0) + 16.0;
     const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
     const int64_t r_lo = static_cast<int64_t>(std::ceil(r + margin));
     auto rank = [&](int64_t i) {  // the i-th largest sample key
@@ -684,23 +752,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     };
     const uint32_t hi = r_hi < 0 ? 0xffffffffu : rank(r_hi);
     const uint32_t lo = r_lo >= m ? 0u : rank(r_lo);
-    const int64_t c_gt = pass(lo, hi, true);
-    std::vector<GroupPack::Cand> all;
-    for (const auto& gp : groups) all.insert(all.end(), gp.cand.begin(), gp.cand.end());
-    const int64_t nc = static_cast<int64_t>(all.size());
+    int64_t c_gt = pass(lo, hi, true);
+    int64_t nc = 0;
+    for (const auto& ch : chunks) nc += static_cast<int64_t>(ch.cand.size());
     MagnitudeCut cut;
-    bool exact_pass = false;
     if (c_gt < k && k <= c_gt + nc) {
       const int64_t want = k - c_gt;  // the want-th largest candidate is the k-th key
-      std::nth_element(all.begin(), all.begin() + (want - 1), all.end(),
-                       [](const auto& a, const auto& b) { return a.key > b.key; });
-      cut.key = all[want - 1].key;
+      std::vector<uint32_t> keys;
+      keys.reserve(nc);
+      for (const auto& ch : chunks)
+        for (const auto& c : ch.cand) keys.push_back(c.key);
+      std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(),
+                       std::greater<uint32_t>());
+      cut.key = keys[want - 1];
       int64_t gt = 0;
       std::vector<int64_t> ties;
-      for (const auto& c : all) {
-        gt += c.key > cut.key;
-        if (c.key == cut.key) ties.push_back(c.flat);
-      }
+      for (const auto& ch : chunks)
+        for (const auto& c : ch.cand) {
+          gt += c.key > cut.key;
+          if (c.key == cut.key) ties.push_back(entry_flat(ch, c.pos, pg, counts.data()));
+        }
       const int64_t need_eq = want - gt;
       if (need_eq >= static_cast<int64_t>(ties.size())) {
         cut.tie_cutoff = INT64_MAX;
@@ -711,39 +782,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     } else {  // bracket missed: exact radix threshold, and a second pass
       cut = magnitude_cut(x, k);
       pass(cut.key, cut.key, true);
-      exact_pass = true;
     }
-    // Drop the candidates below the cut (keys in the bracket not kept), in place.
-    at::parallel_for(0, G, 8, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        auto& gp = groups[g];
-        if (gp.cand.empty()) continue;
-        std::vector<char> drop(gp.q.size(), 0);
-        for (const auto& c : gp.cand)
-          drop[c.pos] = !(c.key > cut.key || (c.key == cut.key && c.flat <= cut.tie_cutoff));
-        size_t w = 0;
-        for (size_t t = 0; t < gp.q.size(); ++t)
-          if (!drop[t]) { gp.q[w] = gp.q[t]; gp.v[w] = gp.v[t]; ++w; }
-        gp.q.resize(w);
-        gp.v.resize(w);
+    // Drop the candidates below the cut, in place, fixing the group counts.
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ci = c0; ci < c1; ++ci) {
+        PackChunk& ch = chunks[ci];
+        bool any = false;
+        for (const auto& c : ch.cand) {
+          const bool keep = c.key > cut.key ||
+                            (c.key == cut.key &&
+                             (cut.tie_cutoff == INT64_MAX ||
+                              entry_flat(ch, c.pos, pg, counts.data()) <= cut.tie_cutoff));
+          if (!keep) {
+            ch.q[c.pos] = -1;
+            any = true;
+          }
+        }
+        if (!any) continue;
+        // walk the chunk's groups in order to recount them
+        const int64_t ga = ch.t0 * pg.sh * pg.sw, gb = ch.t1 * pg.sh * pg.sw;
+        size_t rd = 0, wr = 0;
+        for (int64_t g = ga; g < gb; ++g) {
+          int64_t kept_here = 0;
+          for (int64_t e = 0; e < counts[g]; ++e, ++rd)
+            if (ch.q[rd] >= 0) {
+              ch.q[wr] = ch.q[rd];
+              ch.v[wr] = ch.v[rd];
+              ++wr;
+              ++kept_here;
+            }
+          counts[g] = kept_here;
+        }
+        ch.q.resize(wr);
+        ch.v.resize(wr);
       }
     });
-    (void)exact_pass;
   }
 
   auto ptr = at::empty({G + 1}, x.options().dtype(at::kLong));
   int64_t* pp = ptr.data_ptr<int64_t>();
   pp[0] = 0;
-  for (int64_t g = 0; g < G; ++g) pp[g + 1] = pp[g] + static_cast<int64_t>(groups[g].q.size());
+  for (int64_t g = 0; g < G; ++g) pp[g + 1] = pp[g] + counts[g];
   TORCH_CHECK(k < 0 || pp[G] == k, op, ": internal error, kept ", pp[G], " of k = ", k);
   auto q = at::empty({pp[G]}, x.options().dtype(at::kInt));
   auto v = at::empty({pp[G]}, x.options().dtype(at::kFloat));
   int32_t* qp = q.data_ptr<int32_t>();
   float* vp = v.data_ptr<float>();
-  at::parallel_for(0, G, 8, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g) {
-      std::copy(groups[g].q.begin(), groups[g].q.end(), qp + pp[g]);
-      std::copy(groups[g].v.begin(), groups[g].v.end(), vp + pp[g]);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      const PackChunk& ch = chunks[ci];
+      const int64_t at = pp[ch.t0 * pg.sh * pg.sw];
+      std::copy(ch.q.begin(), ch.q.end(), qp + at);
+      std::copy(ch.v.begin(), ch.v.end(), vp + at);
     }
   });
   return {ptr, q, v};
