@@ -213,6 +213,51 @@ SFL_INLINE float dtheta_domega(T w_raw, float beta, float bm1) {
   return t * beta;
 }
 
+// Division by a runtime constant without a divide instruction (Lemire, Kaser, Kurz 2019:
+// exact for every 32-bit numerator).  The per-nonzero index arithmetic uses it: a hardware
+// divide costs 10-40 cycles, which on a 118K-nonzero layer is milliseconds per call.
+struct FastDiv {
+  uint64_t M = 0;
+  uint32_t d = 1;
+  explicit FastDiv(int64_t d_) : M(d_ == 1 ? 0 : UINT64_C(0xFFFFFFFFFFFFFFFF) / d_ + 1),
+                                 d(static_cast<uint32_t>(d_)) {}
+  SFL_INLINE int64_t div(int64_t a) const {
+    if (d == 1) return a;
+    return static_cast<int64_t>((static_cast<__uint128_t>(M) * static_cast<uint32_t>(a)) >> 64);
+  }
+  SFL_INLINE int64_t mod(int64_t a) const { return a - div(a) * d; }
+};
+
+// A weight's flat index inside its row, c = ci * KH * KW + kh * KW + kw, taken apart.
+struct TapDiv {
+  FastDiv kk, kw;
+  TapDiv(int64_t KH, int64_t KW) : kk(KH * KW), kw(KW) {}
+  SFL_INLINE void split(int64_t c, int64_t& ci, int64_t& kh, int64_t& kwo) const {
+    ci = kk.div(c);
+    const int64_t r = c - ci * kk.d;
+    kh = kw.div(r);
+    kwo = r - kh * kw.d;
+  }
+};
+
+// theta = omega|omega|^(beta-1) of the weights w[idx[j]], into out (float32): a gather,
+// then a branch-free loop the compiler vectorises.
+template <typename T, typename I>
+void thetas(const T* w, const I* idx, int64_t n, float beta, float* out, bool slope = false) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(w[idx[j]]);
+  const float e = beta - 1.0f;
+  if (slope) {  // beta|omega|^(beta-1) instead
+    if (e == 0.25f) for (int64_t j = 0; j < n; ++j) out[j] = beta * std::sqrt(std::sqrt(std::fabs(out[j])));
+    else if (e == 0.5f) for (int64_t j = 0; j < n; ++j) out[j] = beta * std::sqrt(std::fabs(out[j]));
+    else if (e == 0.0f) for (int64_t j = 0; j < n; ++j) out[j] = beta;
+    else for (int64_t j = 0; j < n; ++j) out[j] = dtheta_domega(out[j], beta, e);
+    return;
+  }
+  if (e == 0.25f) for (int64_t j = 0; j < n; ++j) out[j] *= std::sqrt(std::sqrt(std::fabs(out[j])));
+  else if (e == 0.5f) for (int64_t j = 0; j < n; ++j) out[j] *= std::sqrt(std::fabs(out[j]));
+  else if (e != 0.0f) for (int64_t j = 0; j < n; ++j) out[j] = theta_of(out[j], beta, e);
+}
+
 // ---------------------------------------------------------------------------------------
 // Layout conversions: NCHW <-> pixel tiles
 // ---------------------------------------------------------------------------------------
@@ -323,10 +368,10 @@ SFL_INLINE void conv_run_tail(const float* tile, const int64_t* boff, const int6
 }
 
 // buf[r][lane] (n pixels x 16 lanes) -> out[lane * img + opix[r]], lanes < `lanes`.
-template <typename T>
+template <int R, typename T>
 SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int64_t img,
                              const int64_t* opix, bool contiguous) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && R >= 8) {
     if (n == 8 && contiguous) {
       for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
         v8 r[8];
@@ -373,7 +418,7 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
         }
         if (n == R) conv_run<V, R>(tile, boff, a.off, a.val, j0, j1, b, buf);
         else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
-        write_pixels<T>(buf, n, lanes, oc, img, opix, dense_out);
+        write_pixels<R, T>(buf, n, lanes, oc, img, opix, dense_out);
       }
     }
   }
@@ -437,6 +482,13 @@ Isa isa() {
   return v;
 }
 
+// Grain for at::parallel_for over `tasks` of `work` element-operations in all: small jobs
+// (a 16-image Linear layer) run on the calling thread, as a fork/join costs more.
+int64_t grain(int64_t tasks, double work) {
+  constexpr double kMinParallelWork = 1 << 16;
+  return work < kMinParallelWork ? tasks + 1 : 1;
+}
+
 template <typename T>
 void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst, int64_t DH,
               int64_t DW, int64_t oy, int64_t ox, int64_t dyl, int64_t dxl) {
@@ -444,7 +496,8 @@ void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* d
           : isa() == Isa::kAvx2   ? &to_tiles_avx2<T>
                                   : &to_tiles_portable<T>;
   const int64_t NT = (N + L - 1) / L;
-  at::parallel_for(0, NT * C, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, NT * C, grain(NT * C, double(NT * C) * DH * DW * L), [&](int64_t lo,
+                                                                             int64_t hi) {
     fn(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
   });
 }
@@ -455,7 +508,8 @@ void run_conv(const ConvArgs& a) {
           : isa() == Isa::kAvx2   ? &conv_tasks_avx2<T>
                                   : &conv_tasks_portable<T>;
   const int64_t tasks = a.NT * ((a.GH + a.rows_per_task - 1) / a.rows_per_task);
-  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
+  const double work = double(a.NT) * a.GH * a.GW * L * (a.ptr[a.Cout] - a.ptr[0] + a.Cout);
+  at::parallel_for(0, tasks, grain(tasks, work), [&](int64_t lo, int64_t hi) { fn(a, lo, hi); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -486,21 +540,22 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
   if (g.N == 0) return y;
 
   const int64_t nnz = cols.numel();
-  const int64_t Hp = g.Hp(), Wp = g.Wp(), KK = g.KH * g.KW;
-  std::vector<int64_t> off(nnz);
+  const int64_t Hp = g.Hp(), Wp = g.Wp();
+  std::vector<int64_t> off(nnz), widx(nnz);
   std::vector<float> val(nnz);
   const int32_t* cp = cols.data_ptr<int32_t>();
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const float bf = static_cast<float>(beta), bm1 = static_cast<float>(beta - 1.0);
+  const TapDiv taps(g.KH, g.KW);
+  for (int64_t co = 0; co < g.Co; ++co)
+    for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+      int64_t ci, kh, kw;
+      taps.split(cp[j], ci, kh, kw);
+      off[j] = ((ci * Hp + kh) * Wp + kw) * L;
+      widx[j] = co * g.K() + cp[j];
+    }
   dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    const T* w = omega.data_ptr<T>();
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t c = cp[j], ci = c / KK, kh = (c % KK) / g.KW, kw = c % g.KW;
-        off[j] = ((ci * Hp + kh) * Wp + kw) * L;
-        val[j] = theta_of(w[co * g.K() + c], bf, bm1);
-      }
+    thetas(omega.data_ptr<T>(), widx.data(), nnz, static_cast<float>(beta), val.data());
   });
 
   auto xt = at::empty({g.NT * g.C * Hp * Wp * L}, x.options().dtype(at::kFloat));
@@ -684,7 +739,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
-      at::parallel_for(0, planes, 1, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, planes, grain(planes, double(n)), [&](int64_t t0, int64_t t1) {
         PackChunk ch;
         ch.t0 = t0;
         ch.t1 = t1;
@@ -713,6 +768,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     return above;
   };
 
+  // Exact threshold by selection on all keys: small inputs (no sample, no fork).
+  auto small_cut = [&]() {
+    std::vector<uint32_t> keys(n);
+    dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+      using T = decltype(tag);
+      const T* xs = x.data_ptr<T>();
+      for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(static_cast<float>(xs[i]));
+    });
+    TORCH_CHECK_VALUE(*std::max_element(keys.begin(), keys.end()) <= 0x7f800000u, op,
+                      ": input contains NaN");
+    std::vector<uint32_t> sel(keys);
+    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<uint32_t>());
+    MagnitudeCut c;
+    c.key = sel[k - 1];
+    int64_t gt = 0, eq = 0;
+    for (uint32_t kk : keys) gt += kk > c.key, eq += kk == c.key;
+    const int64_t need_eq = k - gt;
+    c.tie_cutoff = INT64_MAX;
+    if (need_eq < eq)
+      for (int64_t i = 0, seen = 0; i < n; ++i)
+        if (keys[i] == c.key && ++seen == need_eq) {
+          c.tie_cutoff = i;
+          break;
+        }
+    return c;
+  };
+
   if (k == -1 || k == n || k == 0 || n == 0) {
     // nonzeros (key >= 1), everything (key >= 0) or nothing
     pass(k == -1 ? 1u : k == 0 ? 0xffffffffu : 0u, 0xffffffffu, false);
@@ -720,43 +802,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       for (auto& ch : chunks) ch.q.clear(), ch.v.clear();
     if (k == 0) std::fill(counts.begin(), counts.end(), 0);
   } else {
+    const bool small = n <= 65536;
     // Bracket from a sample of 16K keys taken as 2048 runs of 8 (within a cache line: few
     // misses), one run at a pseudo-random offset inside each 1/2048 of x (even spacing
     // would hit the same pixel of every plane); the margin allows for neighbours being alike.
-    constexpr int64_t kRun = 8;
-    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(2048, n / kRun));
-    const int64_t gap = n / runs;
-    std::vector<uint32_t> sample;
-    sample.reserve(runs * kRun);
-    dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
-      using T = decltype(tag);
-      const T* xs = x.data_ptr<T>();
-      uint64_t h = 0x9e3779b97f4a7c15ull;  // fixed seed: the same sample every call
-      for (int64_t r0 = 0; r0 < runs; ++r0) {
-        h = h * 6364136223846793005ull + 1442695040888963407ull;
-        const int64_t start =
-            r0 * gap + static_cast<int64_t>((h >> 33) % std::max<int64_t>(1, gap - kRun + 1));
-        for (int64_t i = start, e = std::min(n, start + kRun); i < e; ++i)
-          sample.push_back(magnitude_key(static_cast<float>(xs[i])));
-      }
-    });
-    const int64_t m = static_cast<int64_t>(sample.size());
-    const double r = static_cast<double>(k) * m / n;
-    const double margin = 6.0 * std::sqrt(r + 1.0) + 16.0;
-    const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
-    const int64_t r_lo = static_cast<int64_t>(std::ceil(r + margin));
-    auto rank = [&](int64_t i) {  // the i-th largest sample key
-      std::nth_element(sample.begin(), sample.begin() + i, sample.end(),
-                       std::greater<uint32_t>());
-      return sample[i];
-    };
-    const uint32_t hi = r_hi < 0 ? 0xffffffffu : rank(r_hi);
-    const uint32_t lo = r_lo >= m ? 0u : rank(r_lo);
-    int64_t c_gt = pass(lo, hi, true);
+    uint32_t lo = 1u, hi = 0u;  // small: no bracket (lo > hi), the exact cut below
+    if (!small) {
+      constexpr int64_t kRun = 8;
+      const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(2048, n / kRun));
+      const int64_t gap = n / runs;
+      std::vector<uint32_t> sample;
+      sample.reserve(runs * kRun);
+      dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+        using T = decltype(tag);
+        const T* xs = x.data_ptr<T>();
+        uint64_t h = 0x9e3779b97f4a7c15ull;  // fixed seed: the same sample every call
+        for (int64_t r0 = 0; r0 < runs; ++r0) {
+          h = h * 6364136223846793005ull + 1442695040888963407ull;
+          const int64_t start =
+              r0 * gap + static_cast<int64_t>((h >> 33) % std::max<int64_t>(1, gap - kRun + 1));
+          for (int64_t i = start, e = std::min(n, start + kRun); i < e; ++i)
+            sample.push_back(magnitude_key(static_cast<float>(xs[i])));
+        }
+      });
+      const int64_t m = static_cast<int64_t>(sample.size());
+      const double r = static_cast<double>(k) * m / n;
+      const double margin = 6.0 * std::sqrt(r + 1.0) + 16.0;
+      const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
+      const int64_t r_lo = static_cast<int64_t>(std::ceil(r + margin));
+      auto rank = [&](int64_t i) {  // the i-th largest sample key
+        std::nth_element(sample.begin(), sample.begin() + i, sample.end(),
+                         std::greater<uint32_t>());
+        return sample[i];
+      };
+      hi = r_hi < 0 ? 0xffffffffu : rank(r_hi);
+      lo = r_lo >= m ? 0u : rank(r_lo);
+    }
+    const int64_t c_gt = small ? 0 : pass(lo, hi, true);
     int64_t nc = 0;
     for (const auto& ch : chunks) nc += static_cast<int64_t>(ch.cand.size());
     MagnitudeCut cut;
-    if (c_gt < k && k <= c_gt + nc) {
+    if (!small && c_gt < k && k <= c_gt + nc) {
       const int64_t want = k - c_gt;  // the want-th largest candidate is the k-th key
       std::vector<uint32_t> keys;
       keys.reserve(nc);
@@ -779,12 +865,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
         std::nth_element(ties.begin(), ties.begin() + (need_eq - 1), ties.end());
         cut.tie_cutoff = ties[need_eq - 1];
       }
-    } else {  // bracket missed: exact radix threshold, and a second pass
-      cut = magnitude_cut(x, k);
+    } else {  // small input, or the bracket missed: the exact threshold, then the pass
+      cut = small ? small_cut() : magnitude_cut(x, k);
       pass(cut.key, cut.key, true);
     }
     // Drop the candidates below the cut, in place, fixing the group counts.
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    const int64_t nch = static_cast<int64_t>(chunks.size());
+    at::parallel_for(0, nch, grain(nch, double(k)), [&](int64_t c0, int64_t c1) {
       for (int64_t ci = c0; ci < c1; ++ci) {
         PackChunk& ch = chunks[ci];
         bool any = false;
@@ -828,7 +915,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   auto v = at::empty({pp[G]}, x.options().dtype(at::kFloat));
   int32_t* qp = q.data_ptr<int32_t>();
   float* vp = v.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+  const int64_t nch = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, nch, grain(nch, double(pp[G])), [&](int64_t c0, int64_t c1) {
     for (int64_t ci = c0; ci < c1; ++ci) {
       const PackChunk& ch = chunks[ci];
       const int64_t at = pp[ch.t0 * pg.sh * pg.sw];
@@ -908,14 +996,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
   TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
                     ": support rows and columns hold different entry counts");
-  const int64_t KK = g.KH * g.KW, nnz = cent.numel();
+  const int64_t nnz = cent.numel();
   const int64_t S = g.sh * g.sw;  // phases
   const int32_t* ce = cent.data_ptr<int32_t>();
   const int64_t* cpp = cptr.data_ptr<int64_t>();
+  const FastDiv fK(g.K());
+  const TapDiv taps(g.KH, g.KW);
+  const FastDiv fsh(g.sh), fsw(g.sw);
   {  // every entry of column ci must be a weight of input channel ci
     bool ok = true;
     for (int64_t ci = 0; ci < g.C; ++ci)
-      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= ((ce[j] % g.K()) / KK) == ci;
+      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= taps.kk.div(fK.mod(ce[j])) == ci;
     TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
   }
   const int64_t Hq = g.Hq(), Wq = g.Wq(), Ph = g.Ph(), Pw = g.Pw();
@@ -933,11 +1024,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     for (int64_t i = 0; i < G; ++i)
       TORCH_CHECK_VALUE(xp[i] <= xp[i + 1], op, ": activation pointer is not ascending");
     const int32_t* qq = xq.data_ptr<int32_t>();
+    const FastDiv fWq(Wq);
     bool ok = true;
     for (int64_t gi = 0; gi < G; ++gi) {  // (u, v) must be a pixel of the group's phase
       const int64_t b = gi % g.sw, a = (gi / g.sw) % g.sh;
       for (int64_t e = xp[gi]; e < xp[gi + 1]; ++e) {
-        const int64_t pix = qq[e] / L, u = pix / Wq, v = pix % Wq;
+        const int64_t pix = static_cast<uint32_t>(qq[e]) / L, u = fWq.div(pix), v = pix - u * Wq;
         const int64_t ih = u * g.sh + a - g.ph, iw = v * g.sw + b - g.pw;
         ok &= (qq[e] >= 0) & (ih >= 0) & (ih < g.H) & (iw >= 0) & (iw < g.W);
       }
@@ -960,18 +1052,25 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   });
   // The dyp offset of a tap, and its phase.
   auto tap_off = [&](int64_t co, int64_t kh, int64_t kw) {
-    return ((co * Hq + Ph - kh / g.sh) * Wq + Pw - kw / g.sw) * L;
+    return ((co * Hq + Ph - fsh.div(kh)) * Wq + Pw - fsw.div(kw)) * L;
   };
-  const float bf = static_cast<float>(beta), bm1 = static_cast<float>(beta - 1.0);
+  const float bf = static_cast<float>(beta);
   if (need_dx) {
     // Column support split by phase: pointers [S][C + 1], entries in phase-major order.
     std::vector<int64_t> pptr(S * (g.C + 1), 0), poff(nnz);
     std::vector<float> pval(nnz);
     std::vector<int64_t> fill(S * g.C, 0);
+    std::vector<int32_t> phase_of(nnz);
+    std::vector<int64_t> tap_of(nnz);
     for (int64_t ci = 0; ci < g.C; ++ci)
       for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
-        const int64_t r = ce[j] % KK, ph_ = ((r / g.KW) % g.sh) * g.sw + (r % g.KW) % g.sw;
-        ++pptr[ph_ * (g.C + 1) + ci + 1];
+        const int64_t co = fK.div(ce[j]);
+        int64_t cc, kh, kw;
+        taps.split(ce[j] - co * g.K(), cc, kh, kw);
+        const int64_t f = fsh.mod(kh) * g.sw + fsw.mod(kw);
+        phase_of[j] = static_cast<int32_t>(f);
+        tap_of[j] = tap_off(co, kh, kw);
+        ++pptr[f * (g.C + 1) + ci + 1];
       }
     int64_t run = 0;
     for (int64_t f = 0; f < S; ++f) {
@@ -982,18 +1081,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     }
     for (int64_t f = 0; f < S; ++f)
       for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = pptr[f * (g.C + 1) + ci];
+    std::vector<float> th(nnz);
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      const T* w = omega.data_ptr<T>();
-      for (int64_t ci = 0; ci < g.C; ++ci)
-        for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
-          const int64_t co = ce[j] / g.K(), r = ce[j] % KK, kh = r / g.KW, kw = r % g.KW;
-          const int64_t f = (kh % g.sh) * g.sw + kw % g.sw;
-          const int64_t slot = fill[f * g.C + ci]++;
-          poff[slot] = tap_off(co, kh, kw);
-          pval[slot] = theta_of(w[ce[j]], bf, bm1);
-        }
+      thetas(omega.data_ptr<T>(), ce, nnz, bf, th.data());
     });
+    for (int64_t ci = 0; ci < g.C; ++ci)
+      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+        const int64_t slot = fill[phase_of[j] * g.C + ci]++;
+        poff[slot] = tap_of[j];
+        pval[slot] = th[j];
+      }
     // Every dx pixel belongs to exactly one phase; a phase without taps writes zeros.
     dx = at::empty(x_shape, dy.options());
     for (int64_t a_ = 0; a_ < g.sh; ++a_)
@@ -1025,9 +1123,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     std::vector<int64_t> roff(nnz), rgrp(nnz);
     for (int64_t co = 0; co < g.Co; ++co)
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t ci = cp[j] / KK, r = cp[j] % KK, kh = r / g.KW, kw = r % g.KW;
+        int64_t ci, kh, kw;
+        taps.split(cp[j], ci, kh, kw);
         roff[j] = tap_off(co, kh, kw);
-        rgrp[j] = (ci * g.sh + kh % g.sh) * g.sw + kw % g.sw;
+        rgrp[j] = (ci * g.sh + fsh.mod(kh)) * g.sw + fsw.mod(kw);
       }
     std::vector<float> dth(nnz, 0.0f);
     auto fn = isa() == Isa::kAvx512 ? &wgrad_avx512 : isa() == Isa::kAvx2 ? &wgrad_avx2
@@ -1038,17 +1137,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
       a.xptr = xptr.data_ptr<int64_t>() + nt * g.C * S;
       a.xq = xq.data_ptr<int32_t>(); a.xv = xv.data_ptr<float>();
       a.rowptr = rp; a.rgrp = rgrp.data(); a.roff = roff.data();
-      at::parallel_for(0, g.Co, 1, [&](int64_t lo, int64_t hi) { fn(a, lo, hi, dth.data()); });
+      const double work = double(nnz) * (xq.numel() / double(g.NT * g.C * S) + 1);
+      at::parallel_for(0, g.Co, grain(g.Co, work), [&](int64_t lo, int64_t hi) {
+        fn(a, lo, hi, dth.data());
+      });
     }
+    std::vector<int64_t> widx(nnz);
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) widx[j] = co * g.K() + cp[j];
+    std::vector<float> slope(nnz);
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      const T* w = omega.data_ptr<T>();
+      thetas(omega.data_ptr<T>(), widx.data(), nnz, bf, slope.data(), /*slope=*/true);
       T* d = dw.data_ptr<T>();
-      for (int64_t co = 0; co < g.Co; ++co)
-        for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-          const int64_t f = co * g.K() + cp[j];
-          d[f] = static_cast<T>(dth[j] * dtheta_domega(w[f], bf, bm1));
-        }
+      for (int64_t j = 0; j < nnz; ++j) d[widx[j]] = static_cast<T>(dth[j] * slope[j]);
     });
   }
   return {dx, dw};
@@ -1069,7 +1171,7 @@ int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr
   dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* w = omega.data_ptr<T>();
-    at::parallel_for(0, rows, 8, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, grain(rows, double(omega.numel())), [&](int64_t lo, int64_t hi) {
       int64_t esc = 0;
       for (int64_t r = lo; r < hi; ++r) {
         int64_t nz = 0, in_s = 0;

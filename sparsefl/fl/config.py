@@ -65,6 +65,9 @@ class ClientSection:
     eta: float = 0.0  # ASAM's eta
     rho2: float = 0.05  # Agnostic-SAM's descent radius
     val_fraction: float = 0.2  # Agnostic-SAM's validation split of the local data
+    # Powerprop layers (SparsyFed, FLASH): compute on the weight support ("sparse"), the
+    # dense path, or per layer whichever is faster here ("auto"; sparsefl.nn.set_compute)
+    compute: str = "auto"
 
 
 @dataclass
@@ -140,6 +143,7 @@ CHOICES = {
     "model.name": ("mlp", "lenet5", "resnet18"),
     "client.optimizer": ("sgd", "sam", "asam", "agnostic_sam"),
     "client.lr_schedule": ("constant", "exponential", "step"),
+    "client.compute": ("auto", "dense", "sparse"),
     "sparsity.method": ("none", "topk", "sparsyfed", "flash"),
     "sparsity.scope": ("global", "layer"),
     "server.optimizer": ("fedavg", "fedavgm", "fedadam"),

@@ -44,7 +44,9 @@ from sparsefl.fl.personalize import personalized
 from sparsefl.fl.server import ServerOptimizer
 from sparsefl.fl.swa import SWA, client_lr, cycle_end
 from sparsefl.fl.timers import Timers
-from sparsefl.nn import layer_sparsity
+from sparsefl.nn import layer_sparsity, set_compute
+from sparsefl.nn.powerprop import POWERPROP
+from sparsefl.nn.sparse_compute import compute_summary
 
 log = logging.getLogger("sparsefl")
 FAULTS = ("raised", "timeout", "undecodable", "nonfinite", "norm")
@@ -99,6 +101,8 @@ class Simulation:
         model = models.build(cfg.model.name, self.data.input_shape, self.data.num_classes,
                              **kwargs)
         self.model = self.sparsifier.setup_model(model)
+        self.has_powerprop = any(isinstance(m, POWERPROP) for m in self.model.modules())
+        self.compute_choice: dict[str, str] = {}
         frozen: set[str] = set()
         if cfg.personalization.method == "fedbabu":  # the head stays at its random init
             head_name, head = models.head(self.model)
@@ -153,9 +157,18 @@ class Simulation:
             return None
         layout.load(self.model, received)
         self.sparsifier.begin_client(self.model, rnd)
+        if self.has_powerprop:  # pack the received support (and calibrate "auto" once)
+            with timers("compute"):
+                self.compute_choice = set_compute(
+                    self.model, cfg.client.compute, sample=x[:cfg.client.batch_size],
+                    fixed_support=self.sparsifier.fixed_support())
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
-        loss = local_train(self.model, x, y, cfg.client, lr, gen, timers,
-                           lambda: self.sparsifier.after_step(self.model))
+        try:
+            loss = local_train(self.model, x, y, cfg.client, lr, gen, timers,
+                               lambda: self.sparsifier.after_step(self.model))
+        finally:
+            if self.has_powerprop:  # evaluation and the server see a dense model again
+                set_compute(self.model, "dense")
         with timers("prune"):
             flat = layout.flatten(self.model)
             sel = self.sparsifier.select(layout, flat, rnd)
@@ -295,6 +308,9 @@ class Simulation:
             "dropped": faults, "retries": attempt,
             "mask_growth": int((new_nz & ~old_nz).sum()),
         }
+        if self.compute_choice:  # the last client's per-layer compute path
+            rec["compute"] = compute_summary(self.compute_choice)
+            rec["compute_layers"] = dict(self.compute_choice)
         last = rnd == cfg.run.rounds
         if rnd % cfg.run.eval_every == 0 or last:
             with timers("eval"):

@@ -11,7 +11,8 @@
   top-k.  Round 1 starts dense.
 - flash: round 1 dense + global top-k; the server then fixes one mask per layer at the
   clients' mean layer density (per-layer magnitude top-k of the aggregate); later rounds
-  train and send under that fixed mask.
+  train and send under that fixed mask.  Its layers are Powerprop with beta = 1 (the same
+  function as nn.Linear/Conv2d), so that under the fixed mask they can compute sparse.
 
 All selections go through sparsefl.ops (top-k kernels); nothing here touches a backend.
 """
@@ -42,6 +43,11 @@ class Sparsifier:
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every local optimizer step."""
+
+    def fixed_support(self) -> bool:
+        """Whether a mask keeps the support fixed during local training even where
+        Powerprop does not (beta = 1): then those layers may compute sparse too."""
+        return False
 
     def select(self, layout: Layout, flat: Tensor, rnd: int) -> dict[str, Tensor] | None:
         """Local indices to send per prunable entry (None: every non-zero, i.e. dense)."""
@@ -94,6 +100,14 @@ class SparsyFed(TopK):
 
 class Flash(TopK):
     name = "flash"
+
+    def setup_model(self, model):
+        # Powerprop layers with beta = 1 compute exactly as nn.Linear/Conv2d (theta = omega)
+        # and, once the server fixed the masks, can compute on their support.
+        return sparsify(model, 1.0)
+
+    def fixed_support(self):
+        return bool(self.masks)
 
     def __init__(self, cfg: SparsitySection) -> None:
         super().__init__(cfg)

@@ -140,8 +140,8 @@ class _PowerpropMixin:
         # Compute path (sparsefl.nn.set_compute): "dense", "sparse" or "auto", with the
         # support packed when it was set.
         self.compute = "dense"
-        self._support = None
-        self._native = False
+        self._spec = None  # sparse_compute._Spec: the packed support and geometry
+        self._checked = None  # (weight version, pointer) at the last support check
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]

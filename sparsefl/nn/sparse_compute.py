@@ -69,60 +69,73 @@ def unsupported(m: nn.Module, fixed_support: bool = False) -> str | None:
     return None
 
 
+class _Spec:
+    """What a layer's sparse path needs on every call, worked out once in set_compute."""
+
+    __slots__ = ("support", "kernel", "stride", "padding", "conv", "cin", "cout", "native",
+                 "groups")
+
+    def __init__(self, m: nn.Module, support: sc.Support, native: bool) -> None:
+        self.support, self.native = support, native
+        self.kernel, self.stride, self.padding = (list(v) for v in _geometry(m))
+        self.conv = isinstance(m, PowerpropConv2d)
+        self.cin = m.in_channels if self.conv else m.in_features
+        self.cout = m.out_channels if self.conv else m.out_features
+        self.groups = self.stride[0] * self.stride[1]  # phases per (tile, channel)
+
+
 class _SparseLayer(torch.autograd.Function):
     """y = layer(x) on the support; backward gives dx and Powerprop's domega (0 off S)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, omega: Tensor, bias: Tensor | None, m: nn.Module,
                 prune: bool) -> Tensor:
-        sup: sc.Support = m._support
-        kernel, stride, padding = _geometry(m)
-        conv = isinstance(m, PowerpropConv2d)
-        x4 = x if conv else x.reshape(-1, m.in_features, 1, 1)
-        w4 = omega if conv else omega.view(m.out_features, m.in_features, 1, 1)
-        native = m._native
-        if native:
+        sp: _Spec = m._spec
+        sup = sp.support
+        x4 = x if sp.conv else x.reshape(-1, sp.cin, 1, 1)
+        w4 = omega if sp.conv else omega.view(sp.cout, sp.cin, 1, 1)
+        if sp.native:
             y = torch.ops.sparsefl_C.sparse_conv_forward(x4, w4, m.beta, sup.rowptr, sup.cols,
-                                                         bias, stride, padding)
+                                                         bias, sp.stride, sp.padding)
         else:
-            y = sc.sparse_conv_forward(x4, w4, m.beta, sup, bias, stride, padding)
-        ctx.m, ctx.x_shape, ctx.x4_shape = m, x.shape, tuple(x4.shape)
+            y = sc.sparse_conv_forward(x4, w4, m.beta, sup, bias, sp.stride, sp.padding)
+        ctx.m, ctx.x_shape, ctx.x4_shape = m, x.shape, list(x4.shape)
         ctx.has_bias = bias is not None
         if ctx.needs_input_grad[1]:
             t0 = time.perf_counter()
             k = keep_count(x4.numel(), m.act_density) if prune else -1
-            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, kernel, stride, padding)
-                    if native else tuple(sc.sparse_act_pack(x4, k, kernel, stride, padding)))
+            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)
+                    if sp.native else
+                    tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)))
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
             ctx.save_for_backward(omega, *pack)
         else:
             ctx.save_for_backward(omega)
-        return y if conv else y.reshape(*x.shape[:-1], m.out_features)
+        return y if sp.conv else y.view(*x.shape[:-1], sp.cout)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         m = ctx.m
-        sup: sc.Support = m._support
-        kernel, stride, padding = _geometry(m)
-        conv = isinstance(m, PowerpropConv2d)
+        sp: _Spec = m._spec
+        sup = sp.support
         omega, *pack = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w4 = omega if conv else omega.view(m.out_features, m.in_features, 1, 1)
-        gy4 = gy.contiguous() if conv else gy.reshape(-1, m.out_features, 1, 1)
+        w4 = omega if sp.conv else omega.view(sp.cout, sp.cin, 1, 1)
+        gy4 = gy.contiguous() if sp.conv else gy.reshape(-1, sp.cout, 1, 1)
         if not pack:  # no weight gradient: an empty pack of the right group count
-            groups = -(-ctx.x4_shape[0] // sc.LANES) * ctx.x4_shape[1] * stride[0] * stride[1]
+            groups = -(-ctx.x4_shape[0] // sc.LANES) * ctx.x4_shape[1] * sp.groups
             pack = [torch.zeros(groups + 1, dtype=torch.int64),
                     torch.empty(0, dtype=torch.int32), torch.empty(0)]
         dx = dw = db = None
         if need_dx or need_dw:
             args = (gy4, *pack, w4, m.beta, sup.rowptr, sup.cols, sup.cptr, sup.cent,
-                    list(ctx.x4_shape), list(stride), list(padding), need_dx, need_dw)
-            if m._native:
+                    ctx.x4_shape, sp.stride, sp.padding, need_dx, need_dw)
+            if sp.native:
                 dx, dw = torch.ops.sparsefl_C.sparse_conv_backward(*args)
             else:
                 dx, dw = sc._ref.sparse_conv_backward(*args)
             if need_dx:
-                dx = dx.reshape(ctx.x_shape)
+                dx = dx.view(ctx.x_shape)
             if need_dw:
                 dw = dw.view(omega.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -136,16 +149,27 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
         _decide(m, tuple(x.shape))
         if m.compute == "dense":
             return m._dense_forward(x)
-    if m.training and torch.is_grad_enabled():
-        sup = m._support
-        escaped = (torch.ops.sparsefl_C.support_escapes(m.weight.detach(), sup.rowptr, sup.cols)
-                   if m._native else _escapes_reference(m.weight.detach(), sup))
-        if escaped:
-            raise RuntimeError(
-                f"sparsefl: {escaped} nonzero weights of a {type(m).__name__} lie outside the "
-                "support packed by set_compute(); the weights changed since (a new model was "
-                "loaded?): call set_compute(model, ...) again")
+    _check_support(m)
     return _SparseLayer.apply(x, m.weight, m.bias, m, m._pruning())
+
+
+def _check_support(m: nn.Module) -> None:
+    """Raise if a nonzero weight lies outside the packed support (the weights were changed
+    since set_compute: a new model loaded).  One pass over the weight, skipped while the
+    weight is unchanged since the last check (same version counter)."""
+    w = m.weight
+    stamp = (w._version, w.data_ptr())
+    if m._checked == stamp:
+        return
+    sup = m._spec.support
+    escaped = (torch.ops.sparsefl_C.support_escapes(w.detach(), sup.rowptr, sup.cols)
+               if m._spec.native else _escapes_reference(w.detach(), sup))
+    if escaped:
+        raise RuntimeError(
+            f"sparsefl: {escaped} nonzero weights of a {type(m).__name__} lie outside the "
+            "support packed by set_compute(); the weights changed since (a new model was "
+            "loaded?): call set_compute(model, ...) again")
+    m._checked = stamp
 
 
 def _escapes_reference(w: Tensor, sup: sc.Support) -> int:
@@ -161,7 +185,7 @@ def _density_bucket(d: float) -> int:
 
 def _key(m: nn.Module, x_shape: tuple[int, ...]) -> tuple:
     kernel, stride, padding = _geometry(m)
-    density = m._support.nnz / max(m.weight.numel(), 1)
+    density = m._spec.support.nnz / max(m.weight.numel(), 1)
     return (type(m).__name__, tuple(m.weight.shape), stride, padding, x_shape,
             m._pruning_configured(), _density_bucket(density), m.weight.dtype)
 
@@ -253,11 +277,12 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
     choice: dict[str, str] = {}
     for n, m in layers:
         if mode == "dense" or unsupported(m, fixed_support) is not None:
-            m.compute, m._support = "dense", None
+            m.compute, m._spec = "dense", None
         else:
-            m._support = sc.pack_support(m.weight)
-            m._native = _backend.resolve(backend, [m.weight],
-                                         native_op="sparse_conv_forward", triton=False) == "cpp"
+            native = _backend.resolve(backend, [m.weight], native_op="sparse_conv_forward",
+                                      triton=False) == "cpp"
+            m._spec = _Spec(m, sc.pack_support(m.weight), native)
+            m._checked = None
             m.compute = mode
     if mode == "auto" and sample is not None:
         for m, shape in _input_shapes(model, sample).items():
