@@ -260,15 +260,17 @@ def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int
 
 
 def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
-                fixed_support: bool = False, backend: str | None = None) -> dict[str, str]:
+                fixed_support: bool = False, strict: bool = True,
+                backend: str | None = None) -> dict[str, str]:
     """Switch every Powerprop layer of `model` to dense or sparse compute (see the module
-    docstring); returns each layer's choice."""
+    docstring); returns each layer's choice.  strict=False: in "sparse" mode, layers that
+    cannot compute sparse stay dense instead of raising (the engine's FLASH round 1)."""
     if mode not in MODES:
         raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
     from sparsefl.ops import _backend
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, POWERPROP)]
-    if mode == "sparse":
+    if mode == "sparse" and strict:
         for n, m in layers:
             why = unsupported(m, fixed_support)
             if why is not None:

@@ -1,0 +1,211 @@
+"""set_compute: Powerprop layers computing on their support agree with the dense path.
+
+Layer level: the same input through the dense and the sparse path gives the same output,
+input gradient and weight gradient (fp32 tolerance), over the layer shapes of the three
+models, batch 1, 0% and 100% density and non-contiguous inputs, with activation pruning
+on.  Model level: a ResNet gives the same loss and gradients; a SparsyFed run on digits
+ends where the dense path ends.  Plus the refusals and the support guard.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsefl import _native, ops
+from sparsefl.fl import config as flconfig
+from sparsefl.fl import engine
+from sparsefl.models.mlp import MLP
+from sparsefl.models.resnet import ResNet18
+from sparsefl.nn import PowerpropConv2d, PowerpropLinear, set_activation_density, set_compute
+from sparsefl.nn import sparsify
+from sparsefl.nn.powerprop import POWERPROP
+
+pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),
+                                reason=f"native extension not loaded: {_native.LOAD_ERROR}")
+
+# (layer factory, input shape): the models' layer kinds, small
+LAYERS = [
+    (lambda: PowerpropConv2d(8, 8, 3, 1, 1, bias=False), (16, 8, 8, 8)),
+    (lambda: PowerpropConv2d(8, 16, 3, 2, 1, bias=False), (9, 8, 8, 8)),
+    (lambda: PowerpropConv2d(8, 16, 1, 2, 0, bias=False), (9, 8, 8, 8)),
+    (lambda: PowerpropConv2d(3, 8, 3, 1, 1, bias=False), (1, 3, 6, 6)),
+    (lambda: PowerpropConv2d(1, 6, 5, 1, 0), (4, 1, 12, 12)),          # LeNet conv, bias
+    (lambda: PowerpropLinear(40, 20), (7, 40)),
+    (lambda: PowerpropLinear(40, 20), (1, 40)),
+    (lambda: PowerpropLinear(12, 10), (3, 5, 12)),                     # extra leading dim
+]
+
+
+def rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / (b.abs().max() + 1e-12)) if b.numel() else 0.0
+
+
+def grads(layer, x, gy):
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    wrt = [x, layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    return [y, *torch.autograd.grad(y, wrt, gy)]
+
+
+@pytest.mark.parametrize("case", range(len(LAYERS)))
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("act", [1.0, 0.3])
+def test_layer_sparse_equals_dense(case, density, act):
+    torch.manual_seed(case)
+    make, shape = LAYERS[case]
+    dense = make()
+    with torch.no_grad():
+        dense.weight.mul_(ops.topk_mask(dense.weight, density))
+    dense.act_density = act
+    sparse = copy.deepcopy(dense)
+    assert set(set_compute(sparse, "sparse").values()) == {"sparse"}
+    dense.train()
+    sparse.train()
+    x = torch.randn(shape).relu()
+    gy = torch.randn(dense(x).shape)
+    for a, b in zip(grads(sparse, x, gy), grads(dense, x, gy)):
+        assert a.shape == b.shape
+        assert rel(a, b) < 1e-5
+    # the weight gradient is zero off the support
+    w_grad = grads(sparse, x, gy)[2]
+    assert bool((w_grad[sparse.weight == 0] == 0).all())
+
+
+def test_non_contiguous_input():
+    torch.manual_seed(0)
+    layer = PowerpropConv2d(8, 8, 3, 1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(ops.topk_mask(layer.weight, 0.2))
+    layer.act_density = 0.3
+    x = torch.randn(6, 8, 8, 8).relu().transpose(2, 3)
+    assert not x.is_contiguous()
+    gy = torch.randn(6, 8, 8, 8)
+    want = grads(layer, x, gy)
+    set_compute(layer, "sparse")
+    for a, b in zip(grads(layer, x, gy), want):
+        assert rel(a, b) < 1e-5
+
+
+def _pruned_resnet(density=0.1):
+    torch.manual_seed(0)
+    m = sparsify(ResNet18((3, 16, 16), 10, 8), 1.25)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+    return m
+
+
+@pytest.mark.parametrize("pruning", [False, True])
+def test_model_loss_and_gradients(pruning):
+    """A whole ResNet step.  With activation pruning the top-k of each layer input is a
+    discontinuous function of it, so a last-bit difference upstream may swap an entry at
+    the threshold: gradients are then compared in norm, not entry by entry (the layer
+    test above is the entrywise check on identical inputs)."""
+    m = _pruned_resnet()
+    set_activation_density(m, enabled=pruning)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    out = {}
+    for mode in ("dense", "sparse"):
+        set_compute(m, mode)
+        m.zero_grad()
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        out[mode] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
+    assert rel(out["sparse"][0], out["dense"][0]) < 1e-5
+    for a, b in zip(out["sparse"][1], out["dense"][1]):
+        if pruning:
+            assert float((a - b).norm() / (b.norm() + 1e-12)) < 5e-2
+        else:
+            assert rel(a, b) < 1e-4
+
+
+def test_modes_and_refusals():
+    m = _pruned_resnet()
+    with pytest.raises(ValueError, match="mode"):
+        set_compute(m, "fast")
+    lin = sparsify(nn.Sequential(nn.Linear(4, 4)), 1.0)
+    with pytest.raises(ValueError, match="beta = 1"):
+        set_compute(lin, "sparse")
+    assert set_compute(lin, "auto") == {"0": "dense"}  # auto keeps it dense
+    assert set_compute(lin, "sparse", fixed_support=True) == {"0": "sparse"}
+    grouped = nn.Sequential(PowerpropConv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups"):
+        set_compute(grouped, "sparse")
+    dilated = nn.Sequential(PowerpropConv2d(4, 4, 3, dilation=2))
+    with pytest.raises(ValueError, match="dilation"):
+        set_compute(dilated, "sparse")
+    same = nn.Sequential(PowerpropConv2d(4, 4, 3, padding="same"))
+    with pytest.raises(ValueError, match="padding"):
+        set_compute(same, "sparse")
+    assert set(set_compute(m, "dense").values()) == {"dense"}
+
+
+def test_support_guard():
+    """Weights changed outside the packed support (a new model loaded) are refused
+    until set_compute runs again."""
+    m = _pruned_resnet()
+    set_compute(m, "sparse")
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    F.cross_entropy(m(x), y).backward()
+    with torch.no_grad():
+        m.conv1.weight.fill_(0.5)  # the support grows
+    with pytest.raises(RuntimeError, match="set_compute"):
+        m(x)
+    set_compute(m, "sparse")
+    F.cross_entropy(m(x), y).backward()
+
+
+def test_auto_calibrates_per_layer():
+    m = _pruned_resnet(0.05)
+    set_activation_density(m)
+    choice = set_compute(m, "auto", sample=torch.randn(8, 3, 16, 16))
+    assert set(choice.values()) <= {"sparse", "dense"} and len(choice) == 21
+    lazy = _pruned_resnet(0.05)
+    pending = set_compute(lazy, "auto")  # no sample: decided at the first training forward
+    assert set(pending.values()) == {"auto"}
+    lazy.train()
+    F.cross_entropy(lazy(torch.randn(8, 3, 16, 16)), torch.randint(0, 10, (8,))).backward()
+    assert {mod.compute for mod in lazy.modules() if isinstance(mod, POWERPROP)} <= {
+        "sparse", "dense"}
+
+
+def test_config_key():
+    cfg = flconfig.load(None, ["client.compute=sparse"])
+    assert cfg.client.compute == "sparse"
+    with pytest.raises(flconfig.ConfigError, match="client.compute"):
+        flconfig.load(None, ["client.compute=fast"])
+
+
+def _run(tmp_path, name, overrides):
+    cfg = flconfig.load(None, ["run.rounds=3", "data.clients=6", "server.clients_per_round=3",
+                               "client.epochs=1", *overrides])
+    return engine.run(cfg, tmp_path / name)
+
+
+def test_sparsyfed_run_sparse_equals_dense(tmp_path):
+    dense = _run(tmp_path, "d", ["client.compute=dense"])
+    sparse = _run(tmp_path, "s", ["client.compute=sparse"])
+    for a, b in zip(dense.rounds, sparse.rounds):
+        assert abs(a["acc"] - b["acc"]) <= 0.02
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * max(1.0, abs(a["train_loss"]))
+    assert sparse.rounds[-1]["compute"]["sparse"] == 3
+
+
+def test_flash_run_uses_the_fixed_mask(tmp_path):
+    h = _run(tmp_path, "f", ["sparsity.method=flash", "sparsity.sparsity=0.8",
+                             "client.compute=sparse"])
+    assert h.rounds[0]["compute"]["dense"] == 3      # round 1: no mask yet
+    assert h.rounds[-1]["compute"]["sparse"] == 3    # then the server's fixed mask
+
+
+def test_mlp_default_model_sparse():
+    torch.manual_seed(0)
+    m = sparsify(MLP((1, 8, 8), 10, (16, 16)), 1.25)
+    assert set(set_compute(m, "sparse").values()) == {"sparse"}
