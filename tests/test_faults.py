@@ -98,6 +98,11 @@ def test_run_killed_five_times_and_resumed_ends_bit_identical(tmp_path):
     cut = tmp_path / "cut"
     rng = random.Random(1)
     kills = 0
+
+    def rounds_done() -> int:
+        m = cut / "metrics.jsonl"
+        return len(m.read_text().splitlines()) if m.is_file() else 0
+
     while True:
         resume = (cut / "config.toml").is_file()
         proc = subprocess.Popen(cmd[:4] + (["--resume", str(cut)] if resume else
@@ -105,7 +110,12 @@ def test_run_killed_five_times_and_resumed_ends_bit_identical(tmp_path):
                                                                           "--no-plot"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if kills < 5:
-            time.sleep(rng.uniform(1.5, 4.0))  # start-up takes ~2 s: some kills land early
+            # Kill once this attempt has made progress (a new round recorded), after a
+            # random extra delay: the kill lands mid-round, at any speed of the machine.
+            start = rounds_done()
+            while proc.poll() is None and rounds_done() <= start:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.15))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()

@@ -21,8 +21,13 @@ from sparsefl.fl import config as flconfig
 from sparsefl.fl import engine
 from sparsefl.models.mlp import MLP
 from sparsefl.models.resnet import ResNet18
-from sparsefl.nn import PowerpropConv2d, PowerpropLinear, set_activation_density, set_compute
-from sparsefl.nn import sparsify
+from sparsefl.nn import (
+    PowerpropConv2d,
+    PowerpropLinear,
+    set_activation_density,
+    set_compute,
+    sparsify,
+)
 from sparsefl.nn.powerprop import POWERPROP
 
 pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),

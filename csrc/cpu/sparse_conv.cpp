@@ -40,12 +40,14 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "dtype.h"
 #include "topk_select.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -516,10 +518,13 @@ void run_conv(const ConvArgs& a) {
 // Forward
 // ---------------------------------------------------------------------------------------
 
+// trusted: the support comes from sparsefl.nn's own packing (the fused layer op); its
+// O(nnz) structure checks are skipped.  The public op always checks.
 at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& omega_in,
                                    double beta, const at::Tensor& rowptr,
                                    const at::Tensor& cols, const c10::optional<at::Tensor>& bias,
-                                   at::IntArrayRef stride, at::IntArrayRef padding) {
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   bool trusted = false) {
   const char* op = "sparsefl.sparse_conv_forward";
   check_float(x_in, op, "input");
   check_float(omega_in, op, "weight");
@@ -527,7 +532,7 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
                    x_in.scalar_type(), " but weight is ", omega_in.scalar_type());
   TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
   const Geom g = make_geom(x_in.sizes(), omega_in, stride, padding, op);
-  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+  if (!trusted) check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
   const at::Tensor x = x_in.contiguous(), omega = omega_in.contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -634,29 +639,43 @@ struct PackChunk {
 // branch-free, to its phase's staging area in (lane, u, v) order, and the phases are then
 // appended to the chunk in group order; keys in [lo, hi] are noted as candidates when
 // `track`.  counts[g] receives each group's entry count.
-// One row of one phase: appends (branch-free) the entries with key >= lo at qd/vd from n;
-// returns the new count.  A separate function with restrict pointers and local sums, so
-// that everything stays in registers.
+// One plane (one channel of one batch tile): appends, branch-free, every entry with
+// key >= lo to its phase's staging area (sq/sv + phase * stage, counts in cnt), images
+// outer, rows, then columns of each phase.  A separate function with restrict pointers
+// and local sums, so that the inner loop keeps everything in registers.
 template <typename T>
-__attribute__((noinline)) int64_t scan_row(const T* __restrict row, int64_t iw0, int64_t W,
-                                           int64_t sw, int32_t qv, int32_t* __restrict qd,
-                                           float* __restrict vd, int64_t n, uint32_t lo,
-                                           uint32_t hi, int64_t& above_out,
-                                           uint32_t& max_out) {
+__attribute__((noinline)) void scan_plane(const T* __restrict x, int64_t lanes, int64_t img,
+                                          const PackGeom& p, int32_t* __restrict sq,
+                                          float* __restrict sv, int64_t stage,
+                                          int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
+                                          int64_t& above_out, uint32_t& max_out) {
   int64_t above = 0;
   uint32_t mx = 0;
-  for (int64_t iw = iw0; iw < W; iw += sw, qv += L) {
-    const float val = static_cast<float>(row[iw]);
-    const uint32_t key = magnitude_key(val);
-    qd[n] = qv;
-    vd[n] = val;
-    n += key >= lo;
-    above += key > hi;
-    mx = std::max(mx, key);
-  }
+  for (int64_t i = 0; i < lanes; ++i)
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
+      const T* row = x + i * img + ih * p.W;
+      for (int64_t b = 0; b < p.sw; ++b) {
+        const int64_t f = a * p.sw + b;
+        const int64_t iw0 = ((b - p.pw) % p.sw + p.sw) % p.sw;  // first iw of phase b
+        int32_t* __restrict qd = sq + f * stage;
+        float* __restrict vd = sv + f * stage;
+        int64_t n = cnt[f];
+        int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / p.sw) * L + i);
+        for (int64_t iw = iw0; iw < p.W; iw += p.sw, qv += L) {
+          const float val = static_cast<float>(row[iw]);
+          const uint32_t key = magnitude_key(val);
+          qd[n] = qv;
+          vd[n] = val;
+          n += key >= lo;
+          above += key > hi;
+          mx = std::max(mx, key);
+        }
+        cnt[f] = n;
+      }
+    }
   above_out += above;
   max_out = std::max(max_out, mx);
-  return n;
 }
 
 template <typename T>
@@ -667,23 +686,9 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
   const int64_t base = (nt * L * p.C + c) * HW, img = p.C * HW;
   const int64_t phases = p.sh * p.sw;
   const int64_t g0 = (nt * p.C + c) * phases;
-  int64_t cnt[64] = {0};  // per phase (phases <= 64 is checked by the caller)
-  int64_t above = 0;
-  uint32_t mx = 0;
-  for (int64_t i = 0; i < lanes; ++i)
-    for (int64_t ih = 0; ih < p.H; ++ih) {
-      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
-      const T* row = x + base + i * img + ih * p.W;
-      for (int64_t b = 0; b < p.sw; ++b) {
-        const int64_t f = a * p.sw + b;
-        const int64_t iw0 = ((b - p.pw) % p.sw + p.sw) % p.sw;  // first iw of phase b
-        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / p.sw) * L + i);
-        cnt[f] = scan_row(row, iw0, p.W, p.sw, qv, sq + f * stage, sv + f * stage, cnt[f], lo,
-                          hi, above, mx);
-      }
-    }
-  out.above += above;
-  out.kmax = std::max(out.kmax, mx);
+  int64_t cnt[64];  // per phase (phases <= 64 is checked by the caller)
+  for (int64_t f = 0; f < phases; ++f) cnt[f] = 0;
+  scan_plane(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
   for (int64_t f = 0; f < phases; ++f) {
     const int64_t at = static_cast<int64_t>(out.q.size());
     const int32_t* qd = sq + f * stage;
@@ -980,7 +985,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
     const at::Tensor& omega_in, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
     const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
-    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw) {
+    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw,
+    bool trusted = false) {  // trusted: support and pack made by sparsefl itself
   const char* op = "sparsefl.sparse_conv_backward";
   check_float(dy_in, op, "grad_output");
   check_float(omega_in, op, "weight");
@@ -992,8 +998,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
                         dy_in.size(2) == g.OH && dy_in.size(3) == g.OW,
                     op, ": grad_output has shape ", dy_in.sizes(), ", expected [", g.N, ", ",
                     g.Co, ", ", g.OH, ", ", g.OW, "]");
-  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
-  check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
+  if (!trusted) {
+    check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+    check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
+  }
   TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
                     ": support rows and columns hold different entry counts");
   const int64_t nnz = cent.numel();
@@ -1003,7 +1011,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   const FastDiv fK(g.K());
   const TapDiv taps(g.KH, g.KW);
   const FastDiv fsh(g.sh), fsw(g.sw);
-  {  // every entry of column ci must be a weight of input channel ci
+  if (!trusted) {  // every entry of column ci must be a weight of input channel ci
     bool ok = true;
     for (int64_t ci = 0; ci < g.C; ++ci)
       for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= taps.kk.div(fK.mod(ce[j])) == ci;
@@ -1026,7 +1034,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     const int32_t* qq = xq.data_ptr<int32_t>();
     const FastDiv fWq(Wq);
     bool ok = true;
-    for (int64_t gi = 0; gi < G; ++gi) {  // (u, v) must be a pixel of the group's phase
+    for (int64_t gi = 0; gi < (trusted ? 0 : G); ++gi) {  // (u, v) must be a pixel of the group's phase
       const int64_t b = gi % g.sw, a = (gi / g.sw) % g.sh;
       for (int64_t e = xp[gi]; e < xp[gi + 1]; ++e) {
         const int64_t pix = static_cast<uint32_t>(qq[e]) / L, u = fWq.div(pix), v = pix - u * Wq;
@@ -1188,7 +1196,162 @@ int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------
+// The whole layer as one autograd op (torch.ops.sparsefl_C.sparse_layer)
+// ---------------------------------------------------------------------------------------
+// Forward = sparse_conv_forward (+ sparse_act_pack when the weight needs a gradient); the
+// backward node is C++ (sparse_conv_backward and the bias sum).  One dispatcher call per
+// direction and no Python in the backward: for a small layer (a 16-image Linear) the
+// framework overhead of three ops and a Python autograd.Function costs more than the
+// arithmetic.  Linear layers pass a 2-D weight; x is then (..., C).
+
+namespace {
+
+std::atomic<int64_t> g_act_prune_ns{0};
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& omega,
+                            const c10::optional<at::Tensor>& bias, double beta,
+                            const at::Tensor& rowptr, const at::Tensor& cols,
+                            const at::Tensor& cptr, const at::Tensor& cent,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            int64_t k, bool train) {
+    const bool linear = omega.dim() == 2;
+    TORCH_CHECK_VALUE(linear || omega.dim() == 4, "sparsefl.sparse_layer: weight must be 2-D "
+                      "(Linear) or 4-D (Conv2d)");
+    const int64_t cout = omega.size(0), cin = omega.size(1);
+    TORCH_CHECK_VALUE(!linear || (x.dim() >= 1 && x.size(-1) == cin), "sparsefl.sparse_layer: "
+                      "input's last dimension must be ", cin);
+    const at::Tensor x4 = linear ? x.reshape({-1, cin, 1, 1}) : x;
+    const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+    at::Tensor y = sparse_conv_forward_cpu(x4, w4, beta, rowptr, cols, bias, stride, padding,
+                                           /*trusted=*/true);
+    std::vector<at::Tensor> saved{omega};
+    if (train && omega.requires_grad()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto [p, q, v] = sparse_act_pack_cpu(x4, k, {w4.size(2), w4.size(3)}, stride, padding);
+      g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now() - t0).count();
+      saved.push_back(p);
+      saved.push_back(q);
+      saved.push_back(v);
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["rowptr"] = rowptr;
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["cptr"] = cptr;
+    ctx->saved_data["cent"] = cent;
+    ctx->saved_data["stride"] = c10::IValue(stride);
+    ctx->saved_data["padding"] = c10::IValue(padding);
+    ctx->saved_data["x_shape"] = c10::IValue(x.sizes().vec());
+    ctx->saved_data["x4_shape"] = c10::IValue(x4.sizes().vec());
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    if (!linear) return y;
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = cout;
+    return y.view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& omega = saved[0];
+    const bool linear = omega.dim() == 2;
+    const int64_t cout = omega.size(0), cin = omega.size(1);
+    const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
+    const auto x4_shape = ctx->saved_data["x4_shape"].toIntVector();
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+    const at::Tensor dy = grads[0];
+    const at::Tensor dy4 = linear ? dy.reshape({-1, cout, 1, 1}) : dy.contiguous();
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_dw = ctx->needs_input_grad(1) && saved.size() == 4;
+    at::Tensor ptr, q, v;
+    if (saved.size() == 4) {
+      ptr = saved[1], q = saved[2], v = saved[3];
+    } else {  // no weight gradient: an empty pack of the right group count
+      const int64_t groups = (x4_shape[0] + L - 1) / L * x4_shape[1] * stride[0] * stride[1];
+      ptr = at::zeros({groups + 1}, omega.options().dtype(at::kLong));
+      q = at::empty({0}, omega.options().dtype(at::kInt));
+      v = at::empty({0}, omega.options().dtype(at::kFloat));
+    }
+    at::Tensor dx, dw, db;
+    if (need_dx || need_dw) {
+      std::tie(dx, dw) = sparse_conv_backward_cpu(
+          dy4, ptr, q, v, w4, ctx->saved_data["beta"].toDouble(),
+          ctx->saved_data["rowptr"].toTensor(), ctx->saved_data["cols"].toTensor(),
+          ctx->saved_data["cptr"].toTensor(), ctx->saved_data["cent"].toTensor(), x4_shape,
+          stride, padding, need_dx, need_dw, /*trusted=*/true);
+      if (need_dx) dx = dx.view(x_shape);
+      if (need_dw) dw = dw.view(omega.sizes());
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
+      db = dy4.sum({0, 2, 3});
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor sparse_layer_autograd(const at::Tensor& x, const at::Tensor& omega,
+                                 const c10::optional<at::Tensor>& bias, double beta,
+                                 const at::Tensor& rowptr, const at::Tensor& cols,
+                                 const at::Tensor& cptr, const at::Tensor& cent,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, int64_t k,
+                                 bool train) {
+  return SparseLayerFn::apply(x, omega, bias, beta, rowptr, cols, cptr, cent, stride.vec(),
+                              padding.vec(), k, train);
+}
+
+// Without autograd (inference mode): the forward alone.
+at::Tensor sparse_layer_cpu(const at::Tensor& x, const at::Tensor& omega,
+                            const c10::optional<at::Tensor>& bias, double beta,
+                            const at::Tensor& rowptr, const at::Tensor& cols,
+                            const at::Tensor& cptr, const at::Tensor& cent,
+                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t k,
+                            bool train) {
+  (void)cptr, (void)cent, (void)k, (void)train;
+  const bool linear = omega.dim() == 2;
+  const int64_t cout = omega.size(0), cin = omega.size(1);
+  const at::Tensor x4 = linear ? x.reshape({-1, cin, 1, 1}) : x;
+  const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+  at::Tensor y = sparse_conv_forward_cpu(x4, w4, beta, rowptr, cols, bias, stride, padding,
+                                         /*trusted=*/true);
+  if (!linear) return y;
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = cout;
+  return y.view(shape);
+}
+
+// The public ops: always checked.
+at::Tensor sparse_conv_forward_op(const at::Tensor& x, const at::Tensor& omega, double beta,
+                                  const at::Tensor& rowptr, const at::Tensor& cols,
+                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding) {
+  return sparse_conv_forward_cpu(x, omega, beta, rowptr, cols, bias, stride, padding);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_op(
+    const at::Tensor& dy, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
+    const at::Tensor& omega, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
+    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw) {
+  return sparse_conv_backward_cpu(dy, xptr, xq, xv, omega, beta, rowptr, cols, cptr, cent,
+                                  x_shape, stride, padding, need_dx, need_dw);
+}
+
+int64_t act_prune_ns() { return g_act_prune_ns.load(); }
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
+  m.def("sparse_layer(Tensor x, Tensor omega, Tensor? bias, float beta, Tensor rowptr, "
+        "Tensor cols, Tensor cptr, Tensor cent, int[] stride, int[] padding, int k, "
+        "bool train) -> Tensor");
+  m.def("act_prune_ns() -> int", &act_prune_ns);
   m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
         "Tensor? bias, int[] stride, int[] padding) -> Tensor");
   m.def("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding) "
@@ -1200,10 +1363,15 @@ TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("support_escapes(Tensor omega, Tensor rowptr, Tensor cols) -> int");
 }
 
+TORCH_LIBRARY_IMPL(sparsefl_C, Autograd, m) {
+  m.impl("sparse_layer", &sparse_layer_autograd);
+}
+
 TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
-  m.impl("sparse_conv_forward", &sparse_conv_forward_cpu);
+  m.impl("sparse_layer", &sparse_layer_cpu);
+  m.impl("sparse_conv_forward", &sparse_conv_forward_op);
   m.impl("sparse_act_pack", &sparse_act_pack_cpu);
-  m.impl("sparse_conv_backward", &sparse_conv_backward_cpu);
+  m.impl("sparse_conv_backward", &sparse_conv_backward_op);
   m.impl("support_escapes", &support_escapes_cpu);
 }
 

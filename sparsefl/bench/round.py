@@ -39,7 +39,11 @@ def synthetic(model: str, n_train: int, n_test: int = 256, seed: int = 0) -> fld
 
 
 def round_config(model: str, clients: int, rounds: int) -> fl.Config:
+    # client.compute = dense: both paths do the same forward/backward (the reference has no
+    # sparse-compute kernel of its own), so the rounds end in the same bits and the table
+    # compares the FL machinery; `sparsefl bench sparse-train` measures sparse compute.
     return fl.load(None, [
+        "client.compute=dense",
         f"model.name={model}", "model.hidden=[200, 200]", f"data.clients={clients}",
         f"server.clients_per_round={clients}", "data.partition=iid", "data.test_fraction=0.0",
         "client.optimizer=sam", "client.rho=0.05", "client.lr=0.05", "client.epochs=1",

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from sparsefl.fl.config import ClientSection
 from sparsefl.fl.timers import Timers
-from sparsefl.nn.powerprop import ACT_PRUNE_SECONDS
+from sparsefl.nn.powerprop import act_prune_seconds
 from sparsefl.optim import ASAM, SAM, AgnosticSAM
 
 
@@ -61,7 +61,7 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
 
     model.train()
     total, steps = 0.0, 0
-    t_start, sam_time, act_start = time.perf_counter(), 0.0, ACT_PRUNE_SECONDS[0]
+    t_start, sam_time, act_start = time.perf_counter(), 0.0, act_prune_seconds()
     for _ in range(cfg.epochs):
         for b in _batches(n, cfg.batch_size, gen):
             xb, yb = x[b], y[b]
@@ -103,7 +103,7 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
                 after_step()
             total += float(loss.detach())
             steps += 1
-    act = ACT_PRUNE_SECONDS[0] - act_start
+    act = act_prune_seconds() - act_start
     timers.add("sam", sam_time)
     timers.add("act_prune", act)
     timers.add("compute", time.perf_counter() - t_start - sam_time - act)

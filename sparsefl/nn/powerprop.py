@@ -69,6 +69,15 @@ def to_omega(theta: Tensor, beta: float) -> Tensor:
 ACT_PRUNE_SECONDS = [0.0]
 
 
+def act_prune_seconds() -> float:
+    """Activation-pruning seconds so far: the Python paths plus the C++ sparse layers."""
+    from sparsefl import _native
+
+    native = (torch.ops.sparsefl_C.act_prune_ns() * 1e-9
+              if _native.has_kernel("sparse_conv_forward", "cpu") else 0.0)
+    return ACT_PRUNE_SECONDS[0] + native
+
+
 def _save_pruned(ctx, x: Tensor, density: float) -> None:
     t0 = time.perf_counter()
     idx, val = ops.topk_compress(x.detach(), density)

@@ -33,7 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsefl.nn.powerprop import ACT_PRUNE_SECONDS, POWERPROP, PowerpropConv2d
+from sparsefl.nn.powerprop import (
+    ACT_PRUNE_SECONDS,
+    POWERPROP,
+    PowerpropConv2d,
+    act_prune_seconds,
+)
 from sparsefl.ops import keep_count
 from sparsefl.ops import sparse_conv as sc
 
@@ -85,7 +90,9 @@ class _Spec:
 
 
 class _SparseLayer(torch.autograd.Function):
-    """y = layer(x) on the support; backward gives dx and Powerprop's domega (0 off S)."""
+    """y = layer(x) on the support; backward gives dx and Powerprop's domega (0 off S).
+    The native path is the same in C++ (torch.ops.sparsefl_C.sparse_layer); this one runs
+    the ops of any backend (the reference on CUDA tensors)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, omega: Tensor, bias: Tensor | None, m: nn.Module,
@@ -150,7 +157,16 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
         if m.compute == "dense":
             return m._dense_forward(x)
     _check_support(m)
-    return _SparseLayer.apply(x, m.weight, m.bias, m, m._pruning())
+    sp: _Spec = m._spec
+    prune = m._pruning()
+    if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node
+        sup = sp.support
+        k = keep_count(x.numel(), m.act_density) if prune else -1
+        train = torch.is_grad_enabled() and m.weight.requires_grad
+        return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sup.rowptr,
+                                                 sup.cols, sup.cptr, sup.cent, sp.stride,
+                                                 sp.padding, k, train)
+    return _SparseLayer.apply(x, m.weight, m.bias, m, prune)
 
 
 def _check_support(m: nn.Module) -> None:
@@ -203,14 +219,15 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 3) -> tuple[f
     gen = torch.Generator().manual_seed(0)
     dev, dt = m.weight.device, m.weight.dtype
     x = torch.randn(x_shape, generator=gen).abs().to(dev, dt).requires_grad_(True)
-    was_training, act_seconds = m.training, ACT_PRUNE_SECONDS[0]
+    was_training, mode, act_before = m.training, m.compute, act_prune_seconds()
     m.train()
+    m.compute = "sparse"  # inside the timed sparse path (dense path: m._dense_forward)
     try:
         with torch.enable_grad():
             y = m._dense_forward(x)
             gy = torch.randn(y.shape, generator=gen).to(dev, dt)
             dense = lambda t: m._dense_forward(t)  # noqa: E731
-            sparse = lambda t: _SparseLayer.apply(t, m.weight, m.bias, m, m._pruning())  # noqa: E731
+            sparse = lambda t: sparse_forward(m, t)  # noqa: E731
             _time_pass(m, x, gy, dense)
             _time_pass(m, x, gy, sparse)
             td, ts = [], []
@@ -219,7 +236,9 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 3) -> tuple[f
                 ts.append(_time_pass(m, x, gy, sparse))
     finally:
         m.train(was_training)
-        ACT_PRUNE_SECONDS[0] = act_seconds
+        m.compute = mode
+        # calibration is not the run's activation pruning
+        ACT_PRUNE_SECONDS[0] -= act_prune_seconds() - act_before
     return sorted(td)[reps // 2], sorted(ts)[reps // 2]
 
 
@@ -277,7 +296,7 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 raise ValueError(f"set_compute: layer {n or type(m).__name__} cannot compute "
                                  f"sparse: {why}")
     choice: dict[str, str] = {}
-    for n, m in layers:
+    for _, m in layers:
         if mode == "dense" or unsupported(m, fixed_support) is not None:
             m.compute, m._spec = "dense", None
         else:

@@ -51,7 +51,8 @@ _lib.define("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] 
             "str backend) -> (Tensor, Tensor, Tensor)")
 _lib.define("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
             "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
-            "int[] x_shape, int[] stride, int[] padding, bool need_dx, bool need_dw, str backend) -> (Tensor, Tensor)")
+            "int[] x_shape, int[] stride, int[] padding, bool need_dx, bool need_dw, "
+            "str backend) -> (Tensor, Tensor)")
 
 
 def _native(backend: str, tensors: Sequence[Tensor], op: str) -> bool:
@@ -151,5 +152,3 @@ def sparse_conv_backward(dy: Tensor, pack: ActPack, omega: Tensor, beta: float,
         _backend.requested(backend))
     return (dx if need_dx else None), (dw if need_dw else None)
 
-
-_ = pack_support  # re-exported
