@@ -43,6 +43,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include "dtype.h"
 #include "topk_select.h"
 
@@ -963,22 +965,63 @@ SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v,
   return (s0 + s1) + (s2 + s3);
 }
 
+// The same dot with hardware gathers: 16 (AVX-512) or 8 (AVX2) positions per instruction.
+SFL_AVX512 float gather_dot_avx512(const float* base, const int32_t* q, const float* v,
+                                   int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 32 <= n; e += 32) {
+    const __m512i i0 = _mm512_loadu_si512(q + e), i1 = _mm512_loadu_si512(q + e + 16);
+    a0 = _mm512_fmadd_ps(_mm512_i32gather_ps(i0, base, 4), _mm512_loadu_ps(v + e), a0);
+    a1 = _mm512_fmadd_ps(_mm512_i32gather_ps(i1, base, 4), _mm512_loadu_ps(v + e + 16), a1);
+  }
+  for (; e < n; e += 16) {
+    const __mmask16 m = n - e >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - e)) - 1);
+    const __m512i i0 = _mm512_maskz_loadu_epi32(m, q + e);
+    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i0, base, 4);
+    a0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, v + e), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+SFL_AVX2 float gather_dot_avx2(const float* base, const int32_t* q, const float* v, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + e));
+    const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + e + 8));
+    a0 = _mm256_fmadd_ps(_mm256_i32gather_ps(base, i0, 4), _mm256_loadu_ps(v + e), a0);
+    a1 = _mm256_fmadd_ps(_mm256_i32gather_ps(base, i1, 4), _mm256_loadu_ps(v + e + 8), a1);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  float s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  for (; e < n; ++e) s += v[e] * base[q[e]];
+  return s;
+}
+
+template <float (*Dot)(const float*, const int32_t*, const float*, int64_t)>
 SFL_INLINE void wgrad_rows(const WgradArgs& a, int64_t lo, int64_t hi, float* dth) {
   for (int64_t co = lo; co < hi; ++co)
     for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
       const int64_t e0 = a.xptr[a.rgrp[j]], e1 = a.xptr[a.rgrp[j] + 1];
-      dth[j] += gather_dot(a.dyp + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
+      dth[j] += Dot(a.dyp + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
     }
 }
 
+SFL_INLINE float gather_dot_portable(const float* base, const int32_t* q, const float* v,
+                                     int64_t n) {
+  return gather_dot(base, q, v, n);
+}
+
 SFL_AVX512 void wgrad_avx512(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
-  wgrad_rows(a, lo, hi, d);
+  wgrad_rows<gather_dot_avx512>(a, lo, hi, d);
 }
 SFL_AVX2 void wgrad_avx2(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
-  wgrad_rows(a, lo, hi, d);
+  wgrad_rows<gather_dot_avx2>(a, lo, hi, d);
 }
 void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
-  wgrad_rows(a, lo, hi, d);
+  wgrad_rows<gather_dot_portable>(a, lo, hi, d);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
