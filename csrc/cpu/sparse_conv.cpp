@@ -304,7 +304,18 @@ SFL_INLINE void to_tiles_range(const T* src, int64_t N, int64_t C, int64_t H, in
                                int64_t dyl, int64_t dxl, int64_t lo, int64_t hi) {
   for (int64_t t = lo; t < hi; ++t) {
     float* d = dst + t * DH * DW * L;
-    std::memset(d, 0, sizeof(float) * DH * DW * L);
+    if (dyl == 1 && dxl == 1 && N - (t / C) * L >= L) {
+      // a full tile, undilated: only the border is not overwritten
+      std::memset(d, 0, sizeof(float) * oy * DW * L);
+      std::memset(d + (oy + H) * DW * L, 0, sizeof(float) * (DH - oy - H) * DW * L);
+      for (int64_t h = 0; h < H; ++h) {
+        float* r = d + (oy + h) * DW * L;
+        std::memset(r, 0, sizeof(float) * ox * L);
+        std::memset(r + (ox + W) * L, 0, sizeof(float) * (DW - ox - W) * L);
+      }
+    } else {
+      std::memset(d, 0, sizeof(float) * DH * DW * L);
+    }
     to_tiles_plane(src, N, C, H, W, d, DW, oy, ox, dyl, dxl, t / C, t % C);
   }
 }
@@ -680,6 +691,57 @@ __attribute__((noinline)) void scan_plane(const T* __restrict x, int64_t lanes, 
   max_out = std::max(max_out, mx);
 }
 
+// The same scan with AVX-512 compress for float inputs and unit column stride: 16 entries
+// per step, the kept ones compressed into the staging area (which has 16 floats of slack).
+SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int64_t img,
+                                  const PackGeom& p, int32_t* __restrict sq,
+                                  float* __restrict sv, int64_t stage,
+                                  int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
+                                  int64_t& above_out, uint32_t& max_out) {
+  int64_t above = 0;
+  __m512i mxv = _mm512_setzero_si512();
+  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i step = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
+                                        64, 48, 32, 16, 0);
+  for (int64_t i = 0; i < lanes; ++i)
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
+      const float* row = x + i * img + ih * p.W;
+      int32_t* __restrict qd = sq + a * stage;
+      float* __restrict vd = sv + a * stage;
+      int64_t n = cnt[a];
+      int32_t qv = static_cast<int32_t>((u * p.Wq + p.pw) * L + i);
+      int64_t iw = 0;
+      for (; iw + 16 <= p.W; iw += 16, qv += 16 * L) {
+        const __m512 v = _mm512_loadu_ps(row + iw);
+        const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lov);
+        above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
+        mxv = _mm512_max_epu32(mxv, key);
+        _mm512_storeu_ps(vd + n, _mm512_maskz_compress_ps(keep, v));
+        _mm512_storeu_si512(qd + n, _mm512_maskz_compress_epi32(
+                                        keep, _mm512_add_epi32(_mm512_set1_epi32(qv), step)));
+        n += __builtin_popcount(keep);
+      }
+      uint32_t mx = 0;
+      for (; iw < p.W; ++iw, qv += L) {
+        const float val = row[iw];
+        const uint32_t key = magnitude_key(val);
+        qd[n] = qv;
+        vd[n] = val;
+        n += key >= lo;
+        above += key > hi;
+        mx = std::max(mx, key);
+      }
+      mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
+      cnt[a] = n;
+    }
+  above_out += above;
+  max_out = std::max(max_out, static_cast<uint32_t>(_mm512_reduce_max_epu32(mxv)));
+}
+
 template <typename T>
 void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t lo, uint32_t hi,
                 bool track, PackChunk& out, int32_t* sq, float* sv, int64_t stage,
@@ -690,7 +752,15 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
   const int64_t g0 = (nt * p.C + c) * phases;
   int64_t cnt[64];  // per phase (phases <= 64 is checked by the caller)
   for (int64_t f = 0; f < phases; ++f) cnt[f] = 0;
-  scan_plane(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.sw == 1 && isa() == Isa::kAvx512) {
+      scan_plane_avx512(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above,
+                        out.kmax);
+      done = true;
+    }
+  }
+  if (!done) scan_plane(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
   for (int64_t f = 0; f < phases; ++f) {
     const int64_t at = static_cast<int64_t>(out.q.size());
     const int32_t* qd = sq + f * stage;
@@ -751,7 +821,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
         ch.t0 = t0;
         ch.t1 = t1;
         // staging per phase: a plane's entries of one phase, at most this many
-        const int64_t stage = L * ((pg.H + pg.sh - 1) / pg.sh) * ((pg.W + pg.sw - 1) / pg.sw);
+        // (+16: the AVX-512 scan stores 16 entries past the count)
+        const int64_t stage =
+            L * ((pg.H + pg.sh - 1) / pg.sh) * ((pg.W + pg.sw - 1) / pg.sw) + 16;
         std::unique_ptr<int32_t[]> sq(new int32_t[stage * pg.sh * pg.sw]);
         std::unique_ptr<float[]> sv(new float[stage * pg.sh * pg.sw]);
         ch.q.reserve(static_cast<size_t>((t1 - t0) * stage * pg.sh * pg.sw / 16));
