@@ -63,6 +63,8 @@
 
 // Vector-extension values only pass between always-inline helpers: no ABI crosses a call.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's own AVX-512 headers (gathers, reductions) trip this on their undefined vectors.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace sparsefl {
 namespace {
@@ -189,32 +191,27 @@ void check_csr(const at::Tensor& ptr, const at::Tensor& ent, int64_t rows, int64
   TORCH_CHECK_VALUE(ok, op, ": ", what, " entries must lie in [0, ", limit, ")");
 }
 
-template <typename T>
-SFL_INLINE float theta_of(T w_raw, float beta, float bm1) {
-  // theta = omega * |omega|^(beta - 1); the common exponents by square roots, as in
-  // sparsefl.nn.powerprop (pow is exp(e log x)).
-  const float w = static_cast<float>(w_raw);
-  const float a = std::fabs(w);
-  float t;
-  if (bm1 == 0.25f) t = std::sqrt(std::sqrt(a));
-  else if (bm1 == 0.5f) t = std::sqrt(a);
-  else if (bm1 == 0.0f) t = 1.0f;
-  else if (bm1 == 1.0f) t = a;
-  else t = std::pow(a, bm1);
-  (void)beta;
-  return w * t;
+// |omega|^(beta - 1), the common exponents by square roots, as in sparsefl.nn.powerprop (pow
+// is exp(e log x)).
+SFL_INLINE float abs_pow(float a, float e) {
+  if (e == 0.25f) return std::sqrt(std::sqrt(a));
+  if (e == 0.5f) return std::sqrt(a);
+  if (e == 0.0f) return 1.0f;
+  if (e == 1.0f) return a;
+  return std::pow(a, e);
 }
 
+// theta = omega |omega|^(beta - 1)
+template <typename T>
+SFL_INLINE float theta_of(T w_raw, float bm1) {
+  const float w = static_cast<float>(w_raw);
+  return w * abs_pow(std::fabs(w), bm1);
+}
+
+// dtheta / domega = beta |omega|^(beta - 1)
 template <typename T>
 SFL_INLINE float dtheta_domega(T w_raw, float beta, float bm1) {
-  const float a = std::fabs(static_cast<float>(w_raw));
-  float t;
-  if (bm1 == 0.25f) t = std::sqrt(std::sqrt(a));
-  else if (bm1 == 0.5f) t = std::sqrt(a);
-  else if (bm1 == 0.0f) t = 1.0f;
-  else if (bm1 == 1.0f) t = a;
-  else t = std::pow(a, bm1);
-  return t * beta;
+  return abs_pow(std::fabs(static_cast<float>(w_raw)), bm1) * beta;
 }
 
 // Division by a runtime constant without a divide instruction (Lemire, Kaser, Kurz 2019:
@@ -259,7 +256,7 @@ void thetas(const T* w, const I* idx, int64_t n, float beta, float* out, bool sl
   }
   if (e == 0.25f) for (int64_t j = 0; j < n; ++j) out[j] *= std::sqrt(std::sqrt(std::fabs(out[j])));
   else if (e == 0.5f) for (int64_t j = 0; j < n; ++j) out[j] *= std::sqrt(std::fabs(out[j]));
-  else if (e != 0.0f) for (int64_t j = 0; j < n; ++j) out[j] = theta_of(out[j], beta, e);
+  else if (e != 0.0f) for (int64_t j = 0; j < n; ++j) out[j] = theta_of(out[j], e);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -85,7 +85,12 @@ def _check_float(t: Tensor, op: str, name: str) -> None:
                         "bfloat16")
 
 
-def _check_beta(beta: float, op: str) -> None:
+def _check_operands(t: Tensor, name: str, omega: Tensor, beta: float, op: str) -> None:
+    """A float tensor and the weight of the same dtype, and beta >= 1 (finite)."""
+    _check_float(t, op, name)
+    _check_float(omega, op, "weight")
+    if t.dtype != omega.dtype:
+        raise TypeError(f"{op}: {name} is {t.dtype} but weight is {omega.dtype}")
     if not (beta >= 1.0 and beta < float("inf")):
         raise ValueError(f"{op}: beta must be >= 1, got {beta}")
 
@@ -144,11 +149,7 @@ def support_mask(omega: Tensor, support: Support) -> Tensor:
 def sparse_conv_forward(x: Tensor, omega: Tensor, beta: float, rowptr: Tensor, cols: Tensor,
                         bias: Tensor | None, stride, padding) -> Tensor:
     op = "sparsefl.sparse_conv_forward"
-    _check_float(x, op, "input")
-    _check_float(omega, op, "weight")
-    if x.dtype != omega.dtype:
-        raise TypeError(f"{op}: input is {x.dtype} but weight is {omega.dtype}")
-    _check_beta(beta, op)
+    _check_operands(x, "input", omega, beta, op)
     _check_geometry(tuple(x.shape), omega, stride, padding, op)
     co = omega.shape[0]
     _check_csr(rowptr, cols, co, omega[0].numel(), op, "support rows")
@@ -237,11 +238,7 @@ def sparse_conv_backward(dy: Tensor, xptr: Tensor, xq: Tensor, xv: Tensor, omega
                          x_shape, stride, padding,
                          need_dx: bool, need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
     op = "sparsefl.sparse_conv_backward"
-    _check_float(dy, op, "grad_output")
-    _check_float(omega, op, "weight")
-    if dy.dtype != omega.dtype:
-        raise TypeError(f"{op}: grad_output is {dy.dtype} but weight is {omega.dtype}")
-    _check_beta(beta, op)
+    _check_operands(dy, "grad_output", omega, beta, op)
     oh, ow = _check_geometry(tuple(x_shape), omega, stride, padding, op)
     n, c, h, w = x_shape
     co, kh, kw = omega.shape[0], omega.shape[2], omega.shape[3]
