@@ -736,7 +736,9 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
       cnt[a] = n;
     }
   above_out += above;
-  max_out = std::max(max_out, static_cast<uint32_t>(_mm512_reduce_max_epu32(mxv)));
+  alignas(64) uint32_t m16[16];
+  _mm512_store_si512(m16, mxv);
+  max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
 }
 
 template <typename T>
