@@ -1039,6 +1039,7 @@ SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v,
 // The same dot with hardware gathers: 16 (AVX-512) or 8 (AVX2) positions per instruction.
 SFL_AVX512 float gather_dot_avx512(const float* base, const int32_t* q, const float* v,
                                    int64_t n) {
+  if (n < 16) return gather_dot(base, q, v, n);  // a few entries: scalar beats the set-up
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t e = 0;
   for (; e + 32 <= n; e += 32) {
@@ -1056,6 +1057,7 @@ SFL_AVX512 float gather_dot_avx512(const float* base, const int32_t* q, const fl
 }
 
 SFL_AVX2 float gather_dot_avx2(const float* base, const int32_t* q, const float* v, int64_t n) {
+  if (n < 16) return gather_dot(base, q, v, n);  // a few entries: scalar beats the set-up
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t e = 0;
   for (; e + 16 <= n; e += 16) {
@@ -1178,42 +1180,56 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   };
   const float bf = static_cast<float>(beta);
   if (need_dx) {
-    // Column support split by phase: pointers [S][C + 1], entries in phase-major order.
-    std::vector<int64_t> pptr(S * (g.C + 1), 0), poff(nnz);
+    // Column support split by phase: pointers [S][C + 1], entries in phase-major order
+    // (stride 1: one phase, the column support itself).
+    std::vector<int64_t> pptr, poff(nnz);
     std::vector<float> pval(nnz);
-    std::vector<int64_t> fill(S * g.C, 0);
     std::vector<int32_t> phase_of(nnz);
-    std::vector<int64_t> tap_of(nnz);
-    for (int64_t ci = 0; ci < g.C; ++ci)
-      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+    for (int64_t ci = 0; ci < g.C; ++ci) {
+      const int64_t j1 = cpp[ci + 1];
+      for (int64_t j = cpp[ci]; j < j1; ++j) {
         const int64_t co = fK.div(ce[j]);
         int64_t cc, kh, kw;
         taps.split(ce[j] - co * g.K(), cc, kh, kw);
-        const int64_t f = fsh.mod(kh) * g.sw + fsw.mod(kw);
-        phase_of[j] = static_cast<int32_t>(f);
-        tap_of[j] = tap_off(co, kh, kw);
-        ++pptr[f * (g.C + 1) + ci + 1];
+        phase_of[j] = static_cast<int32_t>(fsh.mod(kh) * g.sw + fsw.mod(kw));
+        poff[j] = tap_off(co, kh, kw);
       }
-    int64_t run = 0;
-    for (int64_t f = 0; f < S; ++f) {
-      int64_t* pp = pptr.data() + f * (g.C + 1);
-      pp[0] = run;
-      for (int64_t ci = 0; ci < g.C; ++ci) pp[ci + 1] += pp[ci];
-      run = pp[g.C];
     }
-    for (int64_t f = 0; f < S; ++f)
-      for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = pptr[f * (g.C + 1) + ci];
-    std::vector<float> th(nnz);
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      thetas(omega.data_ptr<T>(), ce, nnz, bf, th.data());
+      thetas(omega.data_ptr<T>(), ce, nnz, bf, pval.data());
     });
-    for (int64_t ci = 0; ci < g.C; ++ci)
-      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
-        const int64_t slot = fill[phase_of[j] * g.C + ci]++;
-        poff[slot] = tap_of[j];
-        pval[slot] = th[j];
+    const int64_t* phase_ptr = cpp;
+    if (S > 1) {  // counting sort of the column entries by phase, stable
+      pptr.assign(S * (g.C + 1), 0);
+      for (int64_t ci = 0; ci < g.C; ++ci) {
+        const int64_t j1 = cpp[ci + 1];
+        for (int64_t j = cpp[ci]; j < j1; ++j) ++pptr[phase_of[j] * (g.C + 1) + ci + 1];
       }
+      int64_t run = 0;
+      for (int64_t f = 0; f < S; ++f) {
+        int64_t* pp = pptr.data() + f * (g.C + 1);
+        pp[0] = run;
+        for (int64_t ci = 0; ci < g.C; ++ci) pp[ci + 1] += pp[ci];
+        run = pp[g.C];
+      }
+      std::vector<int64_t> fill(S * g.C);
+      for (int64_t f = 0; f < S; ++f)
+        for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = pptr[f * (g.C + 1) + ci];
+      std::vector<int64_t> off2(nnz);
+      std::vector<float> val2(nnz);
+      for (int64_t ci = 0; ci < g.C; ++ci) {
+        const int64_t j1 = cpp[ci + 1];
+        for (int64_t j = cpp[ci]; j < j1; ++j) {
+          const int64_t slot = fill[phase_of[j] * g.C + ci]++;
+          off2[slot] = poff[j];
+          val2[slot] = pval[j];
+        }
+      }
+      poff.swap(off2);
+      pval.swap(val2);
+      phase_ptr = pptr.data();
+    }
     // Every dx pixel belongs to exactly one phase; a phase without taps writes zeros.
     dx = at::empty(x_shape, dy.options());
     for (int64_t a_ = 0; a_ < g.sh; ++a_)
@@ -1227,7 +1243,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
         a.in_tile = g.Co * Hq * Wq * L;
         a.in_row = Wq * L;
         a.iy0 = u0; a.ix0 = v0; a.sy = 1; a.sx = 1;
-        a.ptr = pptr.data() + (a_ * g.sw + b_) * (g.C + 1);
+        a.ptr = phase_ptr + (a_ * g.sw + b_) * (g.C + 1);
         a.off = poff.data(); a.val = pval.data(); a.bias = nullptr;
         a.Cout = g.C; a.N = g.N; a.NT = g.NT;
         a.GH = (g.H - 1 - ih0) / g.sh + 1; a.GW = (g.W - 1 - iw0) / g.sw + 1;
