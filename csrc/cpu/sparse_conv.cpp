@@ -504,10 +504,19 @@ int64_t grain(int64_t tasks, double work) {
 template <typename T>
 void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst, int64_t DH,
               int64_t DW, int64_t oy, int64_t ox, int64_t dyl, int64_t dxl) {
+  const int64_t NT = (N + L - 1) / L;
+  if (DH == 1 && DW == 1) {  // one pixel (a Linear layer): a plain transpose per batch tile
+    std::memset(dst, 0, sizeof(float) * NT * C * L);
+    for (int64_t n = 0; n < N; ++n) {
+      float* d = dst + (n / L) * C * L + n % L;
+      const T* s = src + n * C;
+      for (int64_t c = 0; c < C; ++c) d[c * L] = static_cast<float>(s[c]);
+    }
+    return;
+  }
   auto fn = isa() == Isa::kAvx512 ? &to_tiles_avx512<T>
           : isa() == Isa::kAvx2   ? &to_tiles_avx2<T>
                                   : &to_tiles_portable<T>;
-  const int64_t NT = (N + L - 1) / L;
   at::parallel_for(0, NT * C, grain(NT * C, double(NT * C) * DH * DW * L), [&](int64_t lo,
                                                                              int64_t hi) {
     fn(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
@@ -815,6 +824,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
+      if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1) {
+        // One pixel per plane (a Linear layer): one chunk, groups (tile, channel), q = lane.
+        PackChunk ch;
+        ch.t0 = 0;
+        ch.t1 = planes;
+        uint32_t mx = 0;
+        for (int64_t t = 0; t < planes; ++t) {
+          const int64_t nt = t / pg.C, c = t % pg.C, lanes = std::min(L, pg.N - nt * L);
+          const int64_t before = static_cast<int64_t>(ch.q.size());
+          for (int64_t i = 0; i < lanes; ++i) {
+            const float val = static_cast<float>(xs[(nt * L + i) * pg.C + c]);
+            const uint32_t key = magnitude_key(val);
+            mx = std::max(mx, key);
+            ch.above += key > hi;
+            if (key >= lo) {
+              if (track && key <= hi)
+                ch.cand.push_back({key, static_cast<int64_t>(ch.q.size())});
+              ch.q.push_back(static_cast<int32_t>(i));
+              ch.v.push_back(val);
+            }
+          }
+          counts[t] = static_cast<int64_t>(ch.q.size()) - before;
+        }
+        ch.kmax = mx;
+        chunks.push_back(std::move(ch));
+        return;
+      }
       at::parallel_for(0, planes, grain(planes, double(n)), [&](int64_t t0, int64_t t1) {
         PackChunk ch;
         ch.t0 = t0;
@@ -1078,7 +1114,14 @@ SFL_INLINE void wgrad_rows(const WgradArgs& a, int64_t lo, int64_t hi, float* dt
   for (int64_t co = lo; co < hi; ++co)
     for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
       const int64_t e0 = a.xptr[a.rgrp[j]], e1 = a.xptr[a.rgrp[j] + 1];
-      dth[j] += Dot(a.dyp + a.roff[j], a.xq + e0, a.xv + e0, e1 - e0);
+      const float* base = a.dyp + a.roff[j];
+      if (e1 - e0 < 16) {  // a few kept inputs (small layers): no call, no vector set-up
+        float acc = 0.f;
+        for (int64_t e = e0; e < e1; ++e) acc += a.xv[e] * base[a.xq[e]];
+        dth[j] += acc;
+      } else {
+        dth[j] += Dot(base, a.xq + e0, a.xv + e0, e1 - e0);
+      }
     }
 }
 
