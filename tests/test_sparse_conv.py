@@ -220,9 +220,13 @@ def test_bad_input(backend):
         fwd(x, omega, 1.25, sup._replace(rowptr=sup.rowptr[:-1]), None, st, pd, backend=backend)
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
+    lin_nan = torch.randn(20, 30, 1, 1)
+    lin_nan[3, 5] = float("nan")
     for k in (-1, 100):
         with pytest.raises(ValueError, match="NaN"):
             sc.sparse_act_pack(nan, k, (3, 3), st, pd, backend=backend)
+        with pytest.raises(ValueError, match="NaN"):  # one-pixel (Linear) path
+            sc.sparse_act_pack(lin_nan, k, (1, 1), (1, 1), (0, 0), backend=backend)
     with pytest.raises(ValueError):
         sc.sparse_act_pack(x, x.numel() + 1, (3, 3), st, pd, backend=backend)
     pack = sc.sparse_act_pack(x, 100, (3, 3), st, pd, backend=backend)
