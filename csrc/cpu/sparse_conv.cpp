@@ -166,6 +166,16 @@ void check_float(const at::Tensor& t, const char* op, const char* name) {
                    " has dtype ", st, "; supported: float32, float16, bfloat16");
 }
 
+// A float tensor and the weight of the same dtype, and beta >= 1 (finite).
+void check_operands(const at::Tensor& t, const char* name, const at::Tensor& omega, double beta,
+                    const char* op) {
+  check_float(t, op, name);
+  check_float(omega, op, "weight");
+  TORCH_CHECK_TYPE(t.scalar_type() == omega.scalar_type(), op, ": ", name, " is ",
+                   t.scalar_type(), " but weight is ", omega.scalar_type());
+  TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
+}
+
 void check_index(const at::Tensor& t, at::ScalarType st, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1, op, ": ", name,
                     " must be a 1-D CPU tensor");
@@ -545,11 +555,7 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                    bool trusted = false) {
   const char* op = "sparsefl.sparse_conv_forward";
-  check_float(x_in, op, "input");
-  check_float(omega_in, op, "weight");
-  TORCH_CHECK_TYPE(x_in.scalar_type() == omega_in.scalar_type(), op, ": input is ",
-                   x_in.scalar_type(), " but weight is ", omega_in.scalar_type());
-  TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
+  check_operands(x_in, "input", omega_in, beta, op);
   const Geom g = make_geom(x_in.sizes(), omega_in, stride, padding, op);
   if (!trusted) check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
   const at::Tensor x = x_in.contiguous(), omega = omega_in.contiguous();
@@ -1147,11 +1153,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw,
     bool trusted = false) {  // trusted: support and pack made by sparsefl itself
   const char* op = "sparsefl.sparse_conv_backward";
-  check_float(dy_in, op, "grad_output");
-  check_float(omega_in, op, "weight");
-  TORCH_CHECK_TYPE(dy_in.scalar_type() == omega_in.scalar_type(), op, ": grad_output is ",
-                   dy_in.scalar_type(), " but weight is ", omega_in.scalar_type());
-  TORCH_CHECK_VALUE(beta >= 1.0 && std::isfinite(beta), op, ": beta must be >= 1");
+  check_operands(dy_in, "grad_output", omega_in, beta, op);
   const Geom g = make_geom(x_shape, omega_in, stride, padding, op);
   TORCH_CHECK_VALUE(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Co &&
                         dy_in.size(2) == g.OH && dy_in.size(3) == g.OW,
@@ -1382,6 +1384,32 @@ namespace {
 
 std::atomic<int64_t> g_act_prune_ns{0};
 
+// A layer's input and weight as the 4-D convolution the kernels compute: a Linear layer
+// (2-D weight, input (..., C)) is the 1x1 case.
+struct LayerView {
+  bool linear;
+  int64_t cout, cin;
+  at::Tensor x4, w4;
+  LayerView(const at::Tensor& x, const at::Tensor& omega) {
+    linear = omega.dim() == 2;
+    TORCH_CHECK_VALUE(linear || omega.dim() == 4, "sparsefl.sparse_layer: weight must be 2-D "
+                      "(Linear) or 4-D (Conv2d)");
+    cout = omega.size(0);
+    cin = omega.size(1);
+    TORCH_CHECK_VALUE(!linear || (x.dim() >= 1 && x.size(-1) == cin), "sparsefl.sparse_layer: "
+                      "input's last dimension must be ", cin);
+    x4 = linear ? x.reshape({-1, cin, 1, 1}) : x;
+    w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+  }
+  // y (N', Co, 1, 1) back to (..., Co) for a Linear layer
+  at::Tensor output(const at::Tensor& y, const at::Tensor& x) const {
+    if (!linear) return y;
+    std::vector<int64_t> shape = x.sizes().vec();
+    shape.back() = cout;
+    return y.view(shape);
+  }
+};
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -1392,14 +1420,9 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
                             const at::Tensor& cptr, const at::Tensor& cent,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                             int64_t k, bool train) {
-    const bool linear = omega.dim() == 2;
-    TORCH_CHECK_VALUE(linear || omega.dim() == 4, "sparsefl.sparse_layer: weight must be 2-D "
-                      "(Linear) or 4-D (Conv2d)");
-    const int64_t cout = omega.size(0), cin = omega.size(1);
-    TORCH_CHECK_VALUE(!linear || (x.dim() >= 1 && x.size(-1) == cin), "sparsefl.sparse_layer: "
-                      "input's last dimension must be ", cin);
-    const at::Tensor x4 = linear ? x.reshape({-1, cin, 1, 1}) : x;
-    const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+    const LayerView lv(x, omega);
+    const at::Tensor& x4 = lv.x4;
+    const at::Tensor& w4 = lv.w4;
     at::Tensor y = sparse_conv_forward_cpu(x4, w4, beta, rowptr, cols, bias, stride, padding,
                                            /*trusted=*/true);
     std::vector<at::Tensor> saved{omega};
@@ -1423,10 +1446,7 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     ctx->saved_data["x_shape"] = c10::IValue(x.sizes().vec());
     ctx->saved_data["x4_shape"] = c10::IValue(x4.sizes().vec());
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    if (!linear) return y;
-    std::vector<int64_t> shape = x.sizes().vec();
-    shape.back() = cout;
-    return y.view(shape);
+    return lv.output(y, x);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -1487,16 +1507,9 @@ at::Tensor sparse_layer_cpu(const at::Tensor& x, const at::Tensor& omega,
                             at::IntArrayRef stride, at::IntArrayRef padding, int64_t k,
                             bool train) {
   (void)cptr, (void)cent, (void)k, (void)train;
-  const bool linear = omega.dim() == 2;
-  const int64_t cout = omega.size(0), cin = omega.size(1);
-  const at::Tensor x4 = linear ? x.reshape({-1, cin, 1, 1}) : x;
-  const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
-  at::Tensor y = sparse_conv_forward_cpu(x4, w4, beta, rowptr, cols, bias, stride, padding,
-                                         /*trusted=*/true);
-  if (!linear) return y;
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = cout;
-  return y.view(shape);
+  const LayerView lv(x, omega);
+  return lv.output(sparse_conv_forward_cpu(lv.x4, lv.w4, beta, rowptr, cols, bias, stride,
+                                           padding, /*trusted=*/true), x);
 }
 
 // The public ops: always checked.
