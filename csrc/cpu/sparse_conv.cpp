@@ -664,6 +664,29 @@ struct PackChunk {
 // branch-free, to its phase's staging area in (lane, u, v) order, and the phases are then
 // appended to the chunk in group order; keys in [lo, hi] are noted as candidates when
 // `track`.  counts[g] receives each group's entry count.
+// Appends, branch-free, the entries of row[iw0:W:sw] with key >= lo to qd/vd from n (their
+// positions qv, qv + 16, ...); counts keys > hi and tracks the largest key.  Returns n.
+template <typename T>
+SFL_INLINE int64_t append_kept(const T* __restrict row, int64_t iw0, int64_t W, int64_t sw,
+                               int32_t qv, int32_t* __restrict qd, float* __restrict vd,
+                               int64_t n, uint32_t lo, uint32_t hi, int64_t& above,
+                               uint32_t& mx) {
+  int64_t ab = above;
+  uint32_t m = mx;
+  for (int64_t iw = iw0; iw < W; iw += sw, qv += L) {
+    const float val = static_cast<float>(row[iw]);
+    const uint32_t key = magnitude_key(val);
+    qd[n] = qv;
+    vd[n] = val;
+    n += key >= lo;
+    ab += key > hi;
+    m = std::max(m, key);
+  }
+  above = ab;
+  mx = m;
+  return n;
+}
+
 // One plane (one channel of one batch tile): appends, branch-free, every entry with
 // key >= lo to its phase's staging area (sq/sv + phase * stage, counts in cnt), images
 // outer, rows, then columns of each phase.  A separate function with restrict pointers
@@ -683,20 +706,9 @@ __attribute__((noinline)) void scan_plane(const T* __restrict x, int64_t lanes, 
       for (int64_t b = 0; b < p.sw; ++b) {
         const int64_t f = a * p.sw + b;
         const int64_t iw0 = ((b - p.pw) % p.sw + p.sw) % p.sw;  // first iw of phase b
-        int32_t* __restrict qd = sq + f * stage;
-        float* __restrict vd = sv + f * stage;
-        int64_t n = cnt[f];
-        int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / p.sw) * L + i);
-        for (int64_t iw = iw0; iw < p.W; iw += p.sw, qv += L) {
-          const float val = static_cast<float>(row[iw]);
-          const uint32_t key = magnitude_key(val);
-          qd[n] = qv;
-          vd[n] = val;
-          n += key >= lo;
-          above += key > hi;
-          mx = std::max(mx, key);
-        }
-        cnt[f] = n;
+        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / p.sw) * L + i);
+        cnt[f] = append_kept(row, iw0, p.W, p.sw, qv, sq + f * stage, sv + f * stage, cnt[f],
+                             lo, hi, above, mx);
       }
     }
   above_out += above;
@@ -737,16 +749,8 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
                                         keep, _mm512_add_epi32(_mm512_set1_epi32(qv), step)));
         n += __builtin_popcount(keep);
       }
-      uint32_t mx = 0;
-      for (; iw < p.W; ++iw, qv += L) {
-        const float val = row[iw];
-        const uint32_t key = magnitude_key(val);
-        qd[n] = qv;
-        vd[n] = val;
-        n += key >= lo;
-        above += key > hi;
-        mx = std::max(mx, key);
-      }
+      uint32_t mx = 0;  // the tail, scalar
+      n = append_kept(row, iw, p.W, int64_t{1}, qv, qd, vd, n, lo, hi, above, mx);
       mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
       cnt[a] = n;
     }
