@@ -2,10 +2,18 @@
 """Reproduce docs/results.md: every experiment of a suite x seeds, then the tables.
 
     .venv/bin/python scripts/results.py --suite fmnist|decentralized|agnostic [--seeds 0 1]
+    .venv/bin/python scripts/results.py --suite fmnist-lr        # lr sweep, MLP
+    .venv/bin/python scripts/results.py --suite fmnist-resnet    # sweep, then 2 seeds
 
 Suites are the folders of configs/.  Runs go to results/<suite>/<experiment>-seed<S>
 (one thread each, `--jobs` at a time); a run that already has summary.json is skipped,
-one that was interrupted is resumed from its last checkpoint.  Suites whose claims are
+one that was interrupted is resumed from its last checkpoint, so a suite killed with its
+session continues where it stopped when the same command is run again.
+
+Sweep suites (SWEEPS) first run each swept config at every start lr (the first seed;
+runs <experiment>-lr<LR>-seed<S>), pick each config's best lr by the mean test accuracy
+of the last 10% of evaluations, then run every config of its family at that lr for all
+seeds (the sweep's run is the first seed's).  Suites whose claims are
 about flatness then run `sparsefl analyze` on each run (Hessian top eigenvalue and
 trace).  The tables (mean ± std over seeds) are printed and written to
 results/<suite>/tables.md.
@@ -31,6 +39,16 @@ FMNIST = ["fedavg", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99", "spars
 DECENTRALIZED = ["diffusion", "consensus", "centralized"]
 AGNOSTIC = ["sgd-noise40", "sam-noise40", "agnostic_sam-noise40", "sgd-data10", "sam-data10",
             "agnostic_sam-data10"]
+# suite -> (start lrs, overrides of every sweep run, {swept config: configs using its lr})
+SWEEPS = {
+    "fmnist-lr": ([0.05, 0.1, 0.2, 0.5],
+                  ["client.lr_schedule=exponential", "client.lr_end=0.01"],
+                  {"fedavg": [], "topk-95": [], "sparsyfed-95": [], "flash-95": []}),
+    "fmnist-resnet": ([0.05, 0.15, 0.5], [],
+                      {"fedavg": ["fedavg"], "sparsyfed-95": ["sparsyfed-95", "sparsyfed-90",
+                                                              "sparsyfed-99"],
+                       "topk-95": ["topk-95", "topk-90", "topk-99"]}),
+}
 ANALYZE = {"fmnist": ["fedavg", "fedsam", "fedasam", "fedasam-swa"],
            "decentralized": DECENTRALIZED}
 
@@ -44,15 +62,20 @@ def analyze_one(run_dir: Path) -> str:
     return f"{run_dir.name}: analysis {'ok' if proc.returncode == 0 else proc.stderr[-500:]}"
 
 
-def run_one(config: Path, seed: int, out: Path) -> str:
-    run_dir = out / f"{config.stem}-seed{seed}"
+def run_one(config: Path, seed: int, out: Path, lr: float | None = None,
+            overrides: list[str] | None = None) -> str:
+    tag = f"{config.stem}-lr{lr:g}" if lr is not None else config.stem
+    run_dir = out / f"{tag}-seed{seed}"
     if (run_dir / "summary.json").is_file():
         return f"{run_dir.name}: done before"
     sparsefl = [sys.executable, "-m", "sparsefl.cli", "run"]
     if (run_dir / "config.toml").is_file():
         cmd = sparsefl + ["--resume", str(run_dir), "--quiet", "--no-plot"]
     else:
-        cmd = sparsefl + [str(config), "--set", f"run.seed={seed}", "--set", "run.threads=1",
+        sets = [f"run.seed={seed}", "run.threads=1", *(overrides or [])]
+        if lr is not None:
+            sets.append(f"client.lr={lr:g}")
+        cmd = sparsefl + [str(config), *[a for kv in sets for a in ("--set", kv)],
                           "--out", str(run_dir), "--quiet", "--no-plot"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -172,19 +195,104 @@ def tables(out: Path, seeds: list[int]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _summary(out: Path, run: str) -> dict | None:
+    f = out / run / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def best_lr(out: Path, suite: str, stem: str, seed: int) -> float | None:
+    """The swept start lr with the highest last-10% test accuracy; None until all ran."""
+    accs = {}
+    for lr in SWEEPS[suite][0]:
+        summ = _summary(out, f"{stem}-lr{lr:g}-seed{seed}")
+        if summ is None:
+            return None
+        accs[lr] = summ["acc_tail_mean"]
+    return max(accs, key=accs.__getitem__)
+
+
+def run_sweep_suite(suite: str, root: Path, out: Path, seeds: list[int], jobs: int,
+                    only: list[str] | None) -> None:
+    lrs, sets, families = SWEEPS[suite]
+    fams = {k: v for k, v in families.items() if not only or k in only}
+    first = seeds[0]
+    sweep = [(root / f"{stem}.toml", first, lr) for stem in fams for lr in lrs]
+    with ThreadPoolExecutor(jobs) as pool:
+        for msg in pool.map(lambda j: run_one(*j[:2], out, j[2], sets), sweep):
+            print(msg, flush=True)
+    main = []
+    for stem, members in fams.items():
+        lr = best_lr(out, suite, stem, first)
+        if lr is None:
+            print(f"{stem}: sweep incomplete, its family waits", flush=True)
+            continue
+        print(f"{stem}: best start lr {lr:g}", flush=True)
+        main += [(root / f"{m}.toml", s, lr) for m in members for s in seeds
+                 if (m, s) != (stem, first)]
+    with ThreadPoolExecutor(jobs) as pool:
+        for msg in pool.map(lambda j: run_one(*j[:2], out, j[2], sets), main):
+            print(msg, flush=True)
+
+
+def _row(out: Path, label: str, run: str, seeds: list[int]) -> str:
+    fs = [f for s in seeds if (f := _summary(out, f"{run}-seed{s}")) is not None]
+    if not fs:
+        return f"| {label} | (not run) |"
+    up = statistics.fmean(f["bytes_up"] for f in fs) / fs[0]["rounds"] / 1e6
+    down = statistics.fmean(f["bytes_down"] for f in fs) / fs[0]["rounds"] / 1e6
+    dense = fs[0]["dense_bytes"] / fs[0]["rounds"] / 1e6
+    return (f"| {label} | {len(fs)} | {_ms([f['acc_tail_mean'] for f in fs])} | "
+            f"{_ms([f['best_acc'] for f in fs])} | {_ms([f['sparsity'] for f in fs])} | "
+            f"{up:.3f} | {down:.3f} | {dense / up:.1f}x |")
+
+
+def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
+    lrs, sets, families = SWEEPS[suite]
+    parts = [f"### Start-lr sweep (seed {seeds[0]}; test accuracy, last 10% of evals, %)",
+             "| experiment | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for stem in families:
+        cells = []
+        for lr in lrs:
+            summ = _summary(out, f"{stem}-lr{lr:g}-seed{seeds[0]}")
+            cells.append(f"{100 * summ['acc_tail_mean']:.1f}" if summ else "—")
+        best = best_lr(out, suite, stem, seeds[0])
+        parts.append(f"| {stem} | " + " | ".join(cells) + f" | {best if best else '—'} |")
+    members = [(m, stem) for stem, ms in families.items() for m in ms]
+    if members:
+        parts += ["", "### Each method at its best start lr",
+                  "| experiment (start lr) | seeds | accuracy, last 10% of evals (%) | best (%) | "
+                  "global sparsity (%) | MB up / round | MB down / round | up: less than dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, stem in sorted(members):
+            lr = best_lr(out, suite, stem, seeds[0])
+            parts.append(_row(out, f"{m} ({lr:g})", f"{m}-lr{lr:g}", seeds) if lr
+                         else f"| {m} | (sweep incomplete) |")
+    return "\n".join(parts) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--suite", default="fmnist", choices=["fmnist", "decentralized",
-                                                          "agnostic"])
+                                                          "agnostic", *SWEEPS])
     ap.add_argument("--out", help="default results/<suite>")
     ap.add_argument("--only", nargs="*", help="experiment names (default: all)")
     ap.add_argument("--tables-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out or f"results/{args.suite}")
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parent.parent / "configs" / args.suite
+    cfgs = Path(__file__).resolve().parent.parent / "configs"
+    if args.suite in SWEEPS:
+        root = cfgs / ("fmnist" if args.suite == "fmnist-lr" else args.suite)
+        if not args.tables_only:
+            run_sweep_suite(args.suite, root, out, args.seeds, args.jobs, args.only)
+        text = tables_sweep(args.suite, out, args.seeds)
+        (out / "tables.md").write_text(text)
+        print(text)
+        return 0
+    root = cfgs / args.suite
     order = {"fmnist": FMNIST, "decentralized": DECENTRALIZED, "agnostic": AGNOSTIC}[args.suite]
     names = args.only or order
     if not args.tables_only:

@@ -49,6 +49,9 @@ class ModelSection:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [128, 128])  # mlp only
     width: int = 64  # resnet18 only
+    # "lecun_normal": the SparsyFed authors' init, truncated normal with std 1/sqrt(fan_in)
+    # drawn for theta (Powerprop layers then map it to omega), biases zero
+    init: str = "default"
 
 
 @dataclass
@@ -77,6 +80,8 @@ class SparsitySection:
     beta: float = 1.25
     activation_pruning: bool = True
     scope: str = "global"  # global top-k over all layers (the paper) or per "layer"
+    # conv layers: top-k of every batch, or the threshold of the round's first batch
+    act_threshold: str = "per_batch"
 
 
 @dataclass
@@ -141,11 +146,13 @@ CHOICES = {
     "data.name": ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100"),
     "data.partition": ("iid", "dirichlet", "shards"),
     "model.name": ("mlp", "lenet5", "resnet18"),
+    "model.init": ("default", "lecun_normal"),
     "client.optimizer": ("sgd", "sam", "asam", "agnostic_sam"),
     "client.lr_schedule": ("constant", "exponential", "step"),
     "client.compute": ("auto", "dense", "sparse"),
     "sparsity.method": ("none", "topk", "sparsyfed", "flash"),
     "sparsity.scope": ("global", "layer"),
+    "sparsity.act_threshold": ("per_batch", "first_batch"),
     "server.optimizer": ("fedavg", "fedavgm", "fedadam"),
     "personalization.method": ("none", "finetune", "fedbabu"),
     "decentralized.strategy": ("none", "diffusion", "consensus", "centralized"),

@@ -44,6 +44,7 @@ from sparsefl.fl.personalize import personalized
 from sparsefl.fl.server import ServerOptimizer
 from sparsefl.fl.swa import SWA, client_lr, cycle_end
 from sparsefl.fl.timers import Timers
+from sparsefl.models.init import apply_init
 from sparsefl.nn import layer_sparsity, set_compute
 from sparsefl.nn.powerprop import POWERPROP
 from sparsefl.nn.sparse_compute import compute_summary
@@ -100,6 +101,7 @@ class Simulation:
             kwargs["width"] = cfg.model.width
         model = models.build(cfg.model.name, self.data.input_shape, self.data.num_classes,
                              **kwargs)
+        apply_init(model, cfg.model.init)  # theta's init; Powerprop maps it to omega
         self.model = self.sparsifier.setup_model(model)
         self.has_powerprop = any(isinstance(m, POWERPROP) for m in self.model.modules())
         self.compute_choice: dict[str, str] = {}

@@ -95,7 +95,8 @@ class SparsyFed(TopK):
         return sparsify(model, self.cfg.beta)
 
     def begin_client(self, model, rnd):
-        set_activation_density(model, enabled=self.cfg.activation_pruning)
+        set_activation_density(model, enabled=self.cfg.activation_pruning,
+                               threshold=self.cfg.act_threshold)
 
 
 class Flash(TopK):

@@ -11,17 +11,26 @@ stored compressed (indices + values from `sparsefl.ops.topk_compress`), so the m
 saving is real.  dL/dx is computed from theta and stays dense; evaluation never prunes.
 `act_density` is a plain float set once per round (`set_activation_density`), so the
 forward pass never synchronises with the device.
+
+`act_threshold = "first_batch"` is the SparsyFed authors' form for conv layers: the
+round's first training batch fixes the threshold tau (its k-th largest magnitude) and
+every later batch of the round keeps the entries with |x| >= tau, however many they are
+(`act_keep`; one extra count pass per batch).  Linear layers stay per batch, as theirs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from sparsefl import ops
+from sparsefl.ops import _backend
+from sparsefl.ops.reference.topk import keep_count
+
+ACT_THRESHOLDS = ("per_batch", "first_batch")
 
 
 def _abs_pow(mag: Tensor, e: float) -> Tensor:
@@ -78,9 +87,27 @@ def act_prune_seconds() -> float:
     return ACT_PRUNE_SECONDS[0] + native
 
 
-def _save_pruned(ctx, x: Tensor, density: float) -> None:
+def act_keep(m: nn.Module, x: Tensor) -> int:
+    """How many entries of the layer input x this batch's activation pruning keeps: the
+    top-`act_density` count, or under "first_batch" (conv layers) the count at or above
+    the threshold fixed by the round's first batch."""
+    k = keep_count(x.numel(), m.act_density)
+    if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
+        return k
     t0 = time.perf_counter()
-    idx, val = ops.topk_compress(x.detach(), density)
+    mag = x.detach().abs()
+    if m.act_tau is None:
+        m.act_tau = (float(mag.reshape(-1).kthvalue(x.numel() - k + 1).values)
+                     if k > 0 else math.inf)
+    k = int(torch.count_nonzero(mag >= m.act_tau))
+    ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
+    return k
+
+
+def _save_pruned(ctx, x: Tensor, k: int) -> None:
+    t0 = time.perf_counter()
+    idx, val = torch.ops.sparsefl.topk_compress([x.detach()], [], k,
+                                                _backend.requested(None))
     ctx.save_for_backward(idx, val)
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
     ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
@@ -96,8 +123,8 @@ def _pruned_input(ctx, idx: Tensor, val: Tensor) -> Tensor:
 
 class _PrunedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, density: float) -> Tensor:
-        _save_pruned(ctx, x, density)
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: int) -> Tensor:
+        _save_pruned(ctx, x, k)
         ctx.w, ctx.has_bias = w.detach(), b is not None
         return F.linear(x, w, b)
 
@@ -117,9 +144,9 @@ class _PrunedLinear(torch.autograd.Function):
 
 class _PrunedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, density: float, stride,
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: int, stride,
                 padding, dilation, groups) -> Tensor:
-        _save_pruned(ctx, x, density)
+        _save_pruned(ctx, x, k)
         ctx.w, ctx.has_bias = w.detach(), b is not None
         ctx.conf = (stride, padding, dilation, groups)
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -146,6 +173,8 @@ class _PowerpropMixin:
             raise ValueError(f"powerprop beta must be >= 1, got {beta}")
         self.beta = float(beta)
         self.act_density = 1.0
+        self.act_threshold = "per_batch"  # or "first_batch" (ACT_THRESHOLDS)
+        self.act_tau: float | None = None  # first_batch: this round's threshold
         # Compute path (sparsefl.nn.set_compute): "dense", "sparse" or "auto", with the
         # support packed when it was set.
         self.compute = "dense"
@@ -183,7 +212,7 @@ class PowerpropLinear(_PowerpropMixin, nn.Linear):
     def _dense_forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
         if self._pruning():
-            return _PrunedLinear.apply(x, w, self.bias, self.act_density)
+            return _PrunedLinear.apply(x, w, self.bias, act_keep(self, x))
         return F.linear(x, w, self.bias)
 
 
@@ -199,7 +228,7 @@ class PowerpropConv2d(_PowerpropMixin, nn.Conv2d):
         if self._pruning():
             if isinstance(self.padding, str):
                 raise ValueError("activation pruning needs numeric padding")
-            return _PrunedConv2d.apply(x, w, self.bias, self.act_density, self.stride,
+            return _PrunedConv2d.apply(x, w, self.bias, act_keep(self, x), self.stride,
                                        self.padding, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

@@ -37,9 +37,9 @@ from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
     POWERPROP,
     PowerpropConv2d,
+    act_keep,
     act_prune_seconds,
 )
-from sparsefl.ops import keep_count
 from sparsefl.ops import sparse_conv as sc
 
 MODES = ("dense", "sparse", "auto")
@@ -111,7 +111,7 @@ class _SparseLayer(torch.autograd.Function):
         ctx.has_bias = bias is not None
         if ctx.needs_input_grad[1]:
             t0 = time.perf_counter()
-            k = keep_count(x4.numel(), m.act_density) if prune else -1
+            k = act_keep(m, x) if prune else -1
             pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)
                     if sp.native else
                     tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)))
@@ -162,7 +162,7 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
     prune = m._pruning()
     if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node
         sup = sp.support
-        k = keep_count(x.numel(), m.act_density) if prune else -1
+        k = act_keep(m, x) if prune else -1
         train = torch.is_grad_enabled() and m.weight.requires_grad
         return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sup.rowptr,
                                                  sup.cols, sup.cptr, sup.cent, sp.stride,
@@ -223,6 +223,7 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 5) -> tuple[f
     dev, dt = m.weight.device, m.weight.dtype
     x = torch.randn(x_shape, generator=gen).abs().to(dev, dt).requires_grad_(True)
     was_training, mode, act_before = m.training, m.compute, act_prune_seconds()
+    tau = m.act_tau  # a first-batch threshold comes from the run's data, not from here
     m.train()
     m.compute = "sparse"  # inside the timed sparse path (dense path: m._dense_forward)
     try:
@@ -240,6 +241,7 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 5) -> tuple[f
     finally:
         m.train(was_training)
         m.compute = mode
+        m.act_tau = tau
         # calibration is not the run's activation pruning
         ACT_PRUNE_SECONDS[0] -= act_prune_seconds() - act_before
     return min(td), min(ts)

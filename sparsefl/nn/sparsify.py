@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sparsefl.nn.powerprop import POWERPROP, PowerpropConv2d, PowerpropLinear, to_omega
+from sparsefl.nn.powerprop import (
+    ACT_THRESHOLDS,
+    POWERPROP,
+    PowerpropConv2d,
+    PowerpropLinear,
+    to_omega,
+)
 
 
 def _convert(m: nn.Module, beta: float) -> nn.Module:
@@ -54,10 +60,17 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def set_activation_density(model: nn.Module, enabled: bool = True) -> None:
+def set_activation_density(model: nn.Module, enabled: bool = True,
+                           threshold: str = "per_batch") -> None:
     """SparsyFed: each Powerprop layer keeps the fraction (1 - s_l) of its saved input,
-    s_l being the layer's current weight sparsity (constant during a round)."""
+    s_l being the layer's current weight sparsity (constant during a round).
+    threshold="first_batch": conv layers keep |x| >= the threshold of the next training
+    batch (the round's first) from then on (the authors' form; powerprop.act_keep)."""
+    if threshold not in ACT_THRESHOLDS:
+        raise ValueError(f"set_activation_density: threshold must be one of {ACT_THRESHOLDS}, "
+                         f"got {threshold!r}")
     for m in model.modules():
         if isinstance(m, POWERPROP):
             m.act_density = float((m.weight != 0).sum()) / max(m.weight.numel(), 1) \
                 if enabled else 1.0
+            m.act_threshold, m.act_tau = threshold, None
