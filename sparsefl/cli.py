@@ -75,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sparsefl import fl
+    from sparsefl.errors import UserError
     from sparsefl.fl import report
 
     try:
@@ -98,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     except fl.ConfigError as e:
         print(f"sparsefl run: bad config: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"sparsefl run: {e}", file=sys.stderr)
         return 2
     print(report.summary_table(history.final, cfg.run.name))
@@ -126,10 +127,11 @@ def _analyze(args: argparse.Namespace) -> int:
     import json
 
     from sparsefl.analysis.runs import analyze_run
+    from sparsefl.errors import UserError
 
     try:
         out = analyze_run(args.run_dir, examples=args.examples, samples=args.samples)
-    except FileNotFoundError as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"sparsefl analyze: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=1))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsefl import cli
+from sparsefl.errors import CheckpointError
 from sparsefl.fl import checkpoint
 
 TINY = ["--set", "run.rounds=2", "--set", "data.clients=4", "--set",
@@ -58,9 +59,15 @@ def test_checkpoints_are_verified_and_pruned(tmp_path):
     blob = bytearray((tmp_path / "ckpt-000004.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (tmp_path / "ckpt-000004.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="hash"):
+    skipped: list[str] = []
+    rnd, tensors, _ = checkpoint.latest(tmp_path, skipped)  # the older one verifies
+    assert rnd == 3 and torch.equal(tensors["global"], torch.full((3,), 3.0))
+    assert skipped == ["ckpt-000004.json: checkpoint tensors do not match their recorded hash"]
+    (tmp_path / "ckpt-000003.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="no checkpoint verifies.*000004.*hash.*000003"):
         checkpoint.latest(tmp_path)
     assert not list(tmp_path.glob(".*tmp*"))
+    assert checkpoint.latest(tmp_path / "elsewhere") is None
 
 
 def test_analyze_adds_flatness_to_a_run(tmp_path):
@@ -71,3 +78,53 @@ def test_analyze_adds_flatness_to_a_run(tmp_path):
     res = json.loads((out / "analysis.json").read_text())
     assert res["round"] == 2 and res["global"]["top_eigenvalue"] > 0 and "swa" in res
     assert cli.main(["analyze", str(tmp_path / "none")]) == 2
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparsefl.cli", *args], capture_output=True,
+                          text=True)
+
+
+def test_resume_skips_a_checkpoint_that_fails_its_hash(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY, "--set", "run.rounds=3", "--set", "run.keep_checkpoints=3",
+                     "--out", str(out), "--quiet", "--no-plot"]) == 0
+    want = json.loads((out / "summary.json").read_text())
+    blob = bytearray((out / "ckpt-000003.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (out / "ckpt-000003.safetensors").write_bytes(bytes(blob))
+    (out / "summary.json").unlink()
+    proc = _cli("run", "--resume", str(out), "--quiet", "--no-plot")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "skipped checkpoint ckpt-000003.json: checkpoint tensors do not match" in proc.stderr
+    assert "resuming from round 2" in proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]  # round 3 was run again, once
+    got = json.loads((out / "summary.json").read_text())
+    assert got["acc_tail_mean"] == want["acc_tail_mean"]  # and gives the same result
+
+
+def test_resume_with_no_verifying_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY, "--out", str(out), "--quiet", "--no-plot"]) == 0
+    for f in out.glob("ckpt-*.safetensors"):
+        f.write_bytes(b"garbage")
+    proc = _cli("run", "--resume", str(out), "--quiet", "--no-plot")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "no checkpoint verifies" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["data.clients=1000"], "1000 clients"),
+    (["data.partition=shards", "data.shards_per_client=1000"], "shards"),
+    (["data.name=mnist"], "data.dir"),
+])
+def test_user_errors_of_run_are_one_line(tmp_path, sets, words):
+    proc = _cli("run", *[a for kv in sets for a in ("--set", kv)], "--out",
+                str(tmp_path / "r"), "--quiet", "--no-plot")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparsefl run: ") and words in lines[0]

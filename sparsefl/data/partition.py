@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from sparsefl.errors import DataError
+
 METHODS = ("iid", "dirichlet", "shards")
 
 
@@ -42,7 +44,7 @@ def dirichlet(labels: np.ndarray, clients: int, alpha: float, rng: np.random.Gen
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_size:
             return out
-    raise ValueError(f"dirichlet(alpha={alpha}) could not give each of {clients} clients "
+    raise DataError(f"dirichlet(alpha={alpha}) could not give each of {clients} clients "
                      f"{min_size} examples from {len(labels)}; use fewer clients or a larger "
                      "alpha")
 
@@ -53,7 +55,7 @@ def shards(labels: np.ndarray, clients: int, per_client: int,
     (McMahan et al. 2017)."""
     n_shards = clients * per_client
     if n_shards > len(labels):
-        raise ValueError(f"{n_shards} shards need at least as many examples, have "
+        raise DataError(f"{n_shards} shards need at least as many examples, have "
                          f"{len(labels)}")
     order = np.argsort(labels, kind="stable")
     pieces = np.array_split(order, n_shards)
@@ -79,20 +81,20 @@ def partition(labels: Tensor | np.ndarray, clients: int, method: str = "dirichle
     """Client train/test index sets over a training set's labels."""
     y = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if clients < 1:
-        raise ValueError(f"clients must be >= 1, got {clients}")
+        raise DataError(f"clients must be >= 1, got {clients}")
     if clients > len(y):
-        raise ValueError(f"{clients} clients but only {len(y)} examples")
+        raise DataError(f"{clients} clients but only {len(y)} examples")
     if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        raise DataError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     if method == "iid":
         parts = iid(y, clients, rng)
     elif method == "dirichlet":
         if not alpha > 0:
-            raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+            raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
         parts = dirichlet(y, clients, alpha, rng)
     elif method == "shards":
         parts = shards(y, clients, shards_per_client, rng)
     else:
-        raise ValueError(f"unknown partition {method!r}; choose one of {METHODS}")
+        raise DataError(f"unknown partition {method!r}; choose one of {METHODS}")
     return [stratified_split(p, y, test_fraction, rng) for p in parts]

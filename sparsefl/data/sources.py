@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sparsefl.errors import DataError
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
@@ -67,7 +69,7 @@ def load(name: str, data_dir: str | Path | None = None) -> Dataset:
         return _idx(name, _find_dir(name, data_dir))
     if name in ("cifar10", "cifar100"):
         return _cifar(name, _find_dir(name, data_dir))
-    raise ValueError(f"unknown dataset {name!r}; choose one of {NAMES}")
+    raise DataError(f"unknown dataset {name!r}; choose one of {NAMES}")
 
 
 def _find_dir(name: str, data_dir: str | Path | None) -> Path:
@@ -120,17 +122,17 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX array (unsigned bytes only, which is what MNIST-like sets use)."""
     raw = _open(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic)")
+        raise DataError(f"{path}: not an IDX file (bad magic)")
     if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte")
+        raise DataError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     count = int(np.prod(shape)) if shape else 1
     if len(raw) != header + count:
-        raise ValueError(f"{path}: IDX body has {len(raw) - header} bytes, shape {shape} "
+        raise DataError(f"{path}: IDX body has {len(raw) - header} bytes, shape {shape} "
                          f"needs {count}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
@@ -141,7 +143,7 @@ def _idx(name: str, d: Path) -> Dataset:
         images = read_idx(_idx_file(d, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_idx_file(d, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{d}: {split} images {images.shape} and labels {labels.shape} "
+            raise DataError(f"{d}: {split} images {images.shape} and labels {labels.shape} "
                              "do not match")
         arrays[split] = (torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
                          torch.from_numpy(labels.astype(np.int64)))
@@ -155,7 +157,7 @@ def _cifar_records(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray
     raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     rec = label_bytes + 3072
     if raw.size % rec:
-        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of {rec}-byte "
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of {rec}-byte "
                          "records")
     raw = raw.reshape(-1, rec)
     return raw[:, label_bytes:].reshape(-1, 3, 32, 32), raw[:, label_bytes - 1]
@@ -179,7 +181,7 @@ def _cifar(name: str, d: Path) -> Dataset:
         x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
         y = torch.from_numpy(np.concatenate(ys).astype(np.int64))
         if int(y.max()) >= classes:
-            raise ValueError(f"{name}: label {int(y.max())} >= {classes}")
+            raise DataError(f"{name}: label {int(y.max())} >= {classes}")
         out.append((x, y))
     xtr, xte = _standardise(out[0][0], out[1][0])
     return Dataset(name, xtr, out[0][1], xte, out[1][1], classes)

@@ -15,9 +15,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
+
+from sparsefl.errors import CheckpointError
 
 _NAME = re.compile(r"ckpt-(\d{6})\.json$")
 
@@ -46,14 +49,36 @@ def save(run_dir: Path, rnd: int, tensors: dict[str, Tensor], meta: dict[str, An
     return json_file
 
 
-def latest(run_dir: Path) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint, verified against its recorded hash."""
+def _verified(js: Path) -> tuple[int, dict[str, Tensor], dict[str, Any]]:
+    """One checkpoint, read and checked; ValueError/OSError say what is wrong with it."""
+    meta = json.loads(js.read_text())
+    if not isinstance(meta, dict) or not {"round", "tensors", "sha256"} <= meta.keys():
+        raise ValueError("its JSON lacks round/tensors/sha256")
+    blob = (js.parent / Path(str(meta["tensors"])).name).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ValueError("checkpoint tensors do not match their recorded hash")
+    return int(meta["round"]), st_load(blob), meta
+
+
+def latest(run_dir: Path, skipped: list[str] | None = None
+           ) -> tuple[int, dict[str, Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that verifies against its recorded hash; None if the run has
+    none.  A newer one that does not verify is passed over, and `skipped` (if given) gets
+    one line per such checkpoint saying why.  If checkpoints exist but none verifies:
+    CheckpointError naming each and its fault."""
+    faults = []
     for js in sorted(run_dir.glob("ckpt-*.json"), reverse=True):
         if not _NAME.search(js.name):
             continue
-        meta = json.loads(js.read_text())
-        blob = (run_dir / meta["tensors"]).read_bytes()
-        if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-            raise ValueError(f"{js}: checkpoint tensors do not match their recorded hash")
-        return int(meta["round"]), st_load(blob), meta
+        try:
+            found = _verified(js)
+        except (OSError, ValueError, SafetensorError) as e:  # JSONDecodeError is a ValueError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            faults.append(f"{js.name}: {why}")
+            continue
+        if skipped is not None:
+            skipped += faults
+        return found
+    if faults:
+        raise CheckpointError(f"{run_dir}: no checkpoint verifies ({'; '.join(faults)})")
     return None

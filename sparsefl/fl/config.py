@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsefl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key that does not exist or a value that is not allowed."""
 
 

@@ -377,7 +377,13 @@ def run(cfg: flconfig.Config, run_dir: str | Path | None = None, *, resume: bool
         history.run_dir = out
         metrics_path = out / "metrics.jsonl"
         if resume:
-            found = checkpoint.latest(out)
+            skipped: list[str] = []
+            found = checkpoint.latest(out, skipped)
+            for line in skipped:
+                log.warning("sparsefl: skipped checkpoint %s", line)
+            if found is not None and skipped:
+                log.warning("sparsefl: resuming from round %d, the newest checkpoint that "
+                            "verifies", found[0])
             if found is not None:
                 rnd, tensors, _ = found
                 sim.load_state(rnd, tensors)

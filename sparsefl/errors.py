@@ -1,0 +1,17 @@
+"""Errors that come from the user's input, not from a bug: the command line prints them
+as one line (no traceback) and exits with 2.  Each is a ValueError, so code that caught
+ValueError before still does."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A config, data set or run directory that cannot be used as given."""
+
+
+class DataError(UserError):
+    """A data set that cannot be read or split as asked (files, partition)."""
+
+
+class CheckpointError(UserError):
+    """No checkpoint of a run directory can be resumed from."""
