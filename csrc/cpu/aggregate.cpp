@@ -56,6 +56,8 @@ namespace sparsefl {
 namespace {
 
 constexpr int64_t kTile = 1 << 12;  // 32 KiB of doubles per tile: the accumulator stays in L1
+// the AVX2 tiled loop's accumulator (see add_tiled_avx2): every uint16 offset lands inside
+constexpr int64_t kScratch = 1 << 16;
 
 struct Client {
   const void* idx;  // int64 or int32 flat indices, or int16 tile-local ones (may be null)
@@ -306,7 +308,6 @@ __attribute__((target("avx2"))) int64_t add_tile_avx2(double* acc, const I* idx,
 // check, so `acc` must hold kScratch doubles: any int16 read as uint16 lands inside it,
 // and a run that fails the check is refused (`bad`) -- out is then undefined, as for
 // every bad payload outside the validate-first (in-place) mode.
-constexpr int64_t kScratch = 1 << 16;
 
 template <typename T>
 __attribute__((target("avx2"))) void add_tiled_avx2(double* acc, const int16_t* l,

@@ -48,8 +48,14 @@ constexpr int64_t kChunk = 1024;     // elements per staging chunk (fits L1)
 constexpr int kLanes = 16;           // fixed accumulator layout -> ISA-independent bits
 
 // ---- float inner loops: the only hot code; cloned for AVX2 with a portable fallback ----
+// (function multiversioning is an x86 feature: elsewhere, e.g. aarch64, one portable build)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SFL_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SFL_CLONES
+#endif
 
-__attribute__((target_clones("avx2", "default")))
+SFL_CLONES
 double sumsq_f32(const float* g, const float* w, int64_t n, bool adaptive, float eta) {
   // Squares and sums in float64 like the reference, so the norm differs from it only by
   // summation order (~1e-16 relative) and the float32 scale rho / (n + eps) comes out the
@@ -82,7 +88,7 @@ double sumsq_f32(const float* g, const float* w, int64_t n, bool adaptive, float
   return s;
 }
 
-__attribute__((target_clones("avx2", "default")))
+SFL_CLONES
 void compute_f32(const float* w, const float* g1, const float* g2, float* out, float* backup,
                  int64_t n, bool adaptive, float eta, float s1, float s2) {
   // The expression order mirrors the reference: e = (T*T) * g * s, then w + e.

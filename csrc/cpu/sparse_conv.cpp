@@ -43,7 +43,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#define SFL_X86 1
 #include <immintrin.h>
+#endif
 
 #include "dtype.h"
 #include "topk_select.h"
@@ -448,8 +451,14 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
 
 // One ISA-specific entry point per kernel and dtype: the template body is inlined into a
 // function compiled for that ISA.
+// Elsewhere (aarch64) they are plain functions that isa() never selects.
+#if defined(SFL_X86)
 #define SFL_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
 #define SFL_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SFL_AVX512
+#define SFL_AVX2
+#endif
 
 template <typename T>
 SFL_AVX512 void conv_tasks_avx512(const ConvArgs& a, int64_t lo, int64_t hi) {
@@ -722,6 +731,8 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
                                   float* __restrict sv, int64_t stage,
                                   int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
                                   int64_t& above_out, uint32_t& max_out) {
+#if defined(SFL_X86)
+
   int64_t above = 0;
   __m512i mxv = _mm512_setzero_si512();
   const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
@@ -758,6 +769,9 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
   alignas(64) uint32_t m16[16];
   _mm512_store_si512(m16, mxv);
   max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
+#else  // never selected off x86 (isa() is portable there): the scalar scan
+  scan_plane<float>(x, lanes, img, p, sq, sv, stage, cnt, lo, hi, above_out, max_out);
+#endif
 }
 
 template <typename T>
@@ -1085,6 +1099,8 @@ SFL_INLINE float gather_dot(const float* base, const int32_t* q, const float* v,
 // The same dot with hardware gathers: 16 (AVX-512) or 8 (AVX2) positions per instruction.
 SFL_AVX512 float gather_dot_avx512(const float* base, const int32_t* q, const float* v,
                                    int64_t n) {
+#if defined(SFL_X86)
+
   if (n < 16) return gather_dot(base, q, v, n);  // a few entries: scalar beats the set-up
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t e = 0;
@@ -1100,9 +1116,14 @@ SFL_AVX512 float gather_dot_avx512(const float* base, const int32_t* q, const fl
     a0 = _mm512_fmadd_ps(g, _mm512_maskz_loadu_ps(m, v + e), a0);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+  return gather_dot(base, q, v, n);
+#endif
 }
 
 SFL_AVX2 float gather_dot_avx2(const float* base, const int32_t* q, const float* v, int64_t n) {
+#if defined(SFL_X86)
+
   if (n < 16) return gather_dot(base, q, v, n);  // a few entries: scalar beats the set-up
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t e = 0;
@@ -1117,6 +1138,9 @@ SFL_AVX2 float gather_dot_avx2(const float* base, const int32_t* q, const float*
   float s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
   for (; e < n; ++e) s += v[e] * base[q[e]];
   return s;
+#else
+  return gather_dot(base, q, v, n);
+#endif
 }
 
 template <float (*Dot)(const float*, const int32_t*, const float*, int64_t)>
