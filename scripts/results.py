@@ -68,6 +68,8 @@ def run_one(config: Path, seed: int, out: Path, lr: float | None = None,
     run_dir = out / f"{tag}-seed{seed}"
     if (run_dir / "summary.json").is_file():
         return f"{run_dir.name}: done before"
+    if (run_dir / "stopped.json").is_file():
+        return f"{run_dir.name}: stopped before (diverged)"
     sparsefl = [sys.executable, "-m", "sparsefl.cli", "run"]
     if (run_dir / "config.toml").is_file():
         cmd = sparsefl + ["--resume", str(run_dir), "--quiet", "--no-plot"]
@@ -79,6 +81,10 @@ def run_one(config: Path, seed: int, out: Path, lr: float | None = None,
                           "--out", str(run_dir), "--quiet", "--no-plot"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 3:  # the run stopped: no usable update (diverged); a result too
+        why = proc.stderr.strip().splitlines()[-1]
+        (run_dir / "stopped.json").write_text(json.dumps({"reason": why}))
+        return f"{run_dir.name}: {why}"
     if proc.returncode:
         return f"{run_dir.name}: FAILED ({proc.returncode})\n{proc.stderr[-2000:]}"
     return f"{run_dir.name}: {time.time() - t0:.0f} s"
@@ -200,14 +206,20 @@ def _summary(out: Path, run: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def _stopped(out: Path, run: str) -> bool:
+    return (out / run / "stopped.json").is_file()
+
+
 def best_lr(out: Path, suite: str, stem: str, seed: int) -> float | None:
-    """The swept start lr with the highest last-10% test accuracy; None until all ran."""
+    """The swept start lr with the highest last-10% test accuracy (a run that stopped,
+    diverged, counts as the worst); None until all ran."""
     accs = {}
     for lr in SWEEPS[suite][0]:
-        summ = _summary(out, f"{stem}-lr{lr:g}-seed{seed}")
-        if summ is None:
+        run = f"{stem}-lr{lr:g}-seed{seed}"
+        summ = _summary(out, run)
+        if summ is None and not _stopped(out, run):
             return None
-        accs[lr] = summ["acc_tail_mean"]
+        accs[lr] = summ["acc_tail_mean"] if summ else float("-inf")
     return max(accs, key=accs.__getitem__)
 
 
@@ -254,8 +266,10 @@ def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
     for stem in families:
         cells = []
         for lr in lrs:
-            summ = _summary(out, f"{stem}-lr{lr:g}-seed{seeds[0]}")
-            cells.append(f"{100 * summ['acc_tail_mean']:.1f}" if summ else "—")
+            run = f"{stem}-lr{lr:g}-seed{seeds[0]}"
+            summ = _summary(out, run)
+            cells.append(f"{100 * summ['acc_tail_mean']:.1f}" if summ else
+                         "diverged" if _stopped(out, run) else "—")
         best = best_lr(out, suite, stem, seeds[0])
         parts.append(f"| {stem} | " + " | ".join(cells) + f" | {best if best else '—'} |")
     members = [(m, stem) for stem, ms in families.items() for m in ms]

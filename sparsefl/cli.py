@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sparsefl import fl
-    from sparsefl.errors import UserError
+    from sparsefl.errors import RoundError, UserError
     from sparsefl.fl import report
 
     try:
@@ -102,6 +102,9 @@ def _run(args: argparse.Namespace) -> int:
     except (UserError, FileNotFoundError, FileExistsError) as e:
         print(f"sparsefl run: {e}", file=sys.stderr)
         return 2
+    except RoundError as e:  # the run stopped (diverged): its checkpoints stay resumable
+        print(f"sparsefl run: stopped: {e}", file=sys.stderr)
+        return 3
     print(report.summary_table(history.final, cfg.run.name))
     (run_dir / "summary.json").write_text(__import__("json").dumps(history.final, indent=1))
     if not args.no_plot:

@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """No checkpoint of a run directory can be resumed from."""
+
+
+class RoundError(RuntimeError):
+    """A round that could not complete (e.g. no client sent a usable update: the run
+    diverged).  The last checkpoint holds the model of the round before."""

@@ -128,3 +128,14 @@ def test_user_errors_of_run_are_one_line(tmp_path, sets, words):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparsefl run: ") and words in lines[0]
+
+
+def test_a_diverged_run_stops_with_one_line_and_exit_3(tmp_path):
+    out = tmp_path / "r"
+    proc = _cli("run", *TINY, "--set", "run.rounds=3", "--set", "client.lr=1e30",
+                "--set", "server.max_retries=0", "--set", "sparsity.method=none",
+                "--out", str(out), "--quiet", "--no-plot")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "sparsefl run: stopped: round 1: fewer than server.min_clients")

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from sparsefl import codec, models, ops
 from sparsefl import data as fldata
+from sparsefl.errors import RoundError
 from sparsefl.fl import checkpoint, sparsifiers, wire
 from sparsefl.fl import config as flconfig
 from sparsefl.fl.client import local_train
@@ -281,7 +282,7 @@ class Simulation:
             log.warning("round %d: only %d of %d updates usable (server.min_clients = %d); "
                         "sampling again", rnd, len(good), len(chosen), cfg.server.min_clients)
         else:
-            raise RuntimeError(f"round {rnd}: fewer than server.min_clients = "
+            raise RoundError(f"round {rnd}: fewer than server.min_clients = "
                                f"{cfg.server.min_clients} usable updates after "
                                f"{cfg.server.max_retries} retries; the last checkpoint holds "
                                "the model of the previous round")
