@@ -139,3 +139,15 @@ def test_a_diverged_run_stops_with_one_line_and_exit_3(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "sparsefl run: stopped: round 1: fewer than server.min_clients")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine "
+                    "without CUDA")
+def test_cuda_device_without_cuda_is_one_line():
+    proc = _cli("run", "--set", "run.device=cuda", "--quiet", "--no-plot")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.device" in lines[0] and "CUDA" in lines[0]
+    proc = _cli("bench", "round", "--device", "cuda", "--quick")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "GPU" in proc.stderr

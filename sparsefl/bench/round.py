@@ -38,7 +38,7 @@ def synthetic(model: str, n_train: int, n_test: int = 256, seed: int = 0) -> fld
     return fldata.Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], 10)
 
 
-def round_config(model: str, clients: int, rounds: int) -> fl.Config:
+def round_config(model: str, clients: int, rounds: int, device: str = "cpu") -> fl.Config:
     # client.compute = dense: both paths do the same forward/backward (the reference has no
     # sparse-compute kernel of its own), so the rounds end in the same bits and the table
     # compares the FL machinery; `sparsefl bench sparse-train` measures sparse compute.
@@ -49,15 +49,15 @@ def round_config(model: str, clients: int, rounds: int) -> fl.Config:
         "client.optimizer=sam", "client.rho=0.05", "client.lr=0.05", "client.epochs=1",
         "client.batch_size=16", "sparsity.method=sparsyfed", "sparsity.sparsity=0.95",
         "sparsity.scope=global" if model == "resnet18" else "sparsity.scope=layer",
-        f"run.rounds={rounds}"])
+        f"run.rounds={rounds}", f"run.device={device}"])
 
 
 def run(model: str = "mlp", clients: int = 10, per_client: int = 64, rounds: int = 2,
-        warmup: int = 1, threads: int = 2) -> dict[str, Any]:
+        warmup: int = 1, threads: int = 2, device: str = "cpu") -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
     ds = synthetic(model, clients * per_client)
-    cfg = round_config(model, clients, warmup + rounds)
+    cfg = round_config(model, clients, warmup + rounds, device)
     old = os.environ.get("SPARSEFL_BACKEND")
     try:
         os.environ["SPARSEFL_BACKEND"] = "auto"
@@ -65,7 +65,10 @@ def run(model: str = "mlp", clients: int = 10, per_client: int = 64, rounds: int
         for _ in range(warmup):
             base.step()
         state = {k: v.clone() for k, v in base.state().items()}
-        out: dict[str, Any] = {"model": model, "clients": clients, "per_client": per_client,
+        out: dict[str, Any] = {"model": model, "device": str(base.device),
+                               "device_name": (torch.cuda.get_device_name(base.device)
+                                               if base.device.type == "cuda" else "cpu"),
+                               "clients": clients, "per_client": per_client,
                                "rounds": rounds, "threads": torch.get_num_threads(),
                                "params": base.layout.numel}
         finals = {}
@@ -93,7 +96,8 @@ def run(model: str = "mlp", clients: int = 10, per_client: int = 64, rounds: int
 
 
 def table(res: dict[str, Any]) -> str:
-    rows = [f"SparsyFed 95% + FedSAM round: {res['model']} ({res['params']:,} params), "
+    rows = [f"SparsyFed 95% + FedSAM round on {res.get('device_name', 'cpu')}: "
+            f"{res['model']} ({res['params']:,} params), "
             f"{res['clients']} clients x {res['per_client']} examples, {res['threads']} "
             f"threads, median of {res['rounds']} rounds",
             "", "| phase | engine s | eager s | eager / engine |", "|---|---:|---:|---:|"]
@@ -129,6 +133,6 @@ def plot(res: dict[str, Any], path: Path) -> Path:
 
 
 def main(model: str, clients: int, per_client: int, rounds: int, threads: int,
-         out_dir: str | None) -> str:
-    res = run(model, clients, per_client, rounds, threads=threads)
+         out_dir: str | None, device: str = "cpu") -> str:
+    res = run(model, clients, per_client, rounds, threads=threads, device=device)
     return write_outputs(out_dir, "round", res, table(res), plot)

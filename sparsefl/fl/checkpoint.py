@@ -36,7 +36,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def save(run_dir: Path, rnd: int, tensors: dict[str, Tensor], meta: dict[str, Any],
          keep: int = 2) -> Path:
-    blob = st_save({k: v.contiguous() for k, v in tensors.items()})
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     tensor_file = run_dir / f"ckpt-{rnd:06d}.safetensors"
     atomic_write(tensor_file, blob)
     meta = dict(meta, round=rnd, tensors=tensor_file.name,

@@ -10,7 +10,6 @@ each layer input, expansion for the weight gradient); the rest of the loop is "c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -61,7 +60,7 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
 
     model.train()
     total, steps = 0.0, 0
-    t_start, sam_time, act_start = time.perf_counter(), 0.0, act_prune_seconds()
+    t_start, sam_time, act_start = timers.now(), 0.0, act_prune_seconds()
     for _ in range(cfg.epochs):
         for b in _batches(n, cfg.batch_size, gen):
             xb, yb = x[b], y[b]
@@ -77,28 +76,28 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
                     val_order = iter(list(_batches(len(yv), cfg.batch_size, gen)))
                     vb = next(val_order)
                 F.cross_entropy(model(xv[vb]), yv[vb]).backward()
-                t0 = time.perf_counter()
+                t0 = timers.now()
                 opt.first_step(zero_grad=True)
-                sam_time += time.perf_counter() - t0
+                sam_time += timers.now() - t0
                 (F.cross_entropy(model(xb), yb) + F.cross_entropy(model(xv[vb]), yv[vb])
                  ).backward()
-                t0 = time.perf_counter()
+                t0 = timers.now()
                 opt.second_step(zero_grad=True)
-                sam_time += time.perf_counter() - t0
+                sam_time += timers.now() - t0
             else:
-                t0 = time.perf_counter()
+                t0 = timers.now()
                 if kind == "sam":
                     opt.first_step(zero_grad=True)
                 else:
                     opt.ascent_step()
-                sam_time += time.perf_counter() - t0
+                sam_time += timers.now() - t0
                 F.cross_entropy(model(xb), yb).backward()
-                t0 = time.perf_counter()
+                t0 = timers.now()
                 if kind == "sam":
                     opt.second_step(zero_grad=True)
                 else:
                     opt.descent_step()
-                sam_time += time.perf_counter() - t0
+                sam_time += timers.now() - t0
             if after_step is not None:
                 after_step()
             total += float(loss.detach())
@@ -106,5 +105,5 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
     act = act_prune_seconds() - act_start
     timers.add("sam", sam_time)
     timers.add("act_prune", act)
-    timers.add("compute", time.perf_counter() - t_start - sam_time - act)
+    timers.add("compute", timers.now() - t_start - sam_time - act)
     return total / max(steps, 1)

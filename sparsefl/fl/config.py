@@ -31,6 +31,7 @@ class RunSection:
     eval_every: int = 1
     keep_checkpoints: int = 2
     threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else cpu
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Config:
 
 
 CHOICES = {
+    "run.device": ("auto", "cpu", "cuda"),
     "data.name": ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100"),
     "data.partition": ("iid", "dirichlet", "shards"),
     "model.name": ("mlp", "lenet5", "resnet18"),

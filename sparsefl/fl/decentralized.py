@@ -82,10 +82,11 @@ class DecentralizedSimulation:
     def load_state(self, rnd: int, tensors: dict[str, Tensor]) -> None:
         if tensors["agents"].shape != self.w.shape:
             raise ValueError("checkpoint does not match this config's agents and model")
-        self.w = tensors["agents"].clone()
+        dev = self.base.device
+        self.w = tensors["agents"].to(dev, copy=True)
         if self.density < 1.0:
-            self.public = tensors["public"].clone()
-            self.residual = tensors["residual"].clone()
+            self.public = tensors["public"].to(dev, copy=True)
+            self.residual = tensors["residual"].to(dev, copy=True)
         self.round = rnd
 
     def _grad(self, w: Tensor, agent: int, rnd: int) -> tuple[Tensor, Tensor, float]:
@@ -112,8 +113,9 @@ class DecentralizedSimulation:
             with timers("encode"):
                 payload = wire.encode(wire.chunks_from_flat(self.layout, values[k]))
             sent += len(payload) * int(self.adj[k].sum())
-            with timers("decode"):
-                pairs.append(wire.to_flat_pair(self.layout, wire.decode(self.layout, payload)))
+            with timers("decode"):  # decoded on the host, combined on the run's device
+                i, v = wire.to_flat_pair(self.layout, wire.decode(self.layout, payload))
+                pairs.append((i.to(self.base.device), v.to(self.base.device)))
         return pairs, sent
 
     def _exchange_compressed(self, values: Tensor, timers: Timers) -> tuple[list, int]:
@@ -132,15 +134,17 @@ class DecentralizedSimulation:
             sent += len(payload) * int(self.adj[k].sum())
             with timers("decode"):
                 i, v = wire.to_flat_pair(self.layout, wire.decode(self.layout, payload))
-                self.public[k].index_add_(0, i, v)
-            pairs.append((torch.empty(0, dtype=torch.int64), self.public[k]))
+                self.public[k].index_add_(0, i.to(self.base.device), v.to(self.base.device))
+            pairs.append((torch.empty(0, dtype=torch.int64, device=self.base.device),
+                          self.public[k]))
         return pairs, sent
 
     def _own(self, pairs: list, k: int, share: Tensor) -> list:
         """With compression an agent combines its own exact vector, not its public copy."""
         if self.density >= 1.0:
             return pairs
-        return [(torch.empty(0, dtype=torch.int64), share[k]) if j == k else p
+        return [(torch.empty(0, dtype=torch.int64, device=share.device), share[k])
+                if j == k else p
                 for j, p in enumerate(pairs)]
 
     def _combine(self, pairs: list, k: int, base: Tensor | None) -> Tensor:
@@ -150,7 +154,7 @@ class DecentralizedSimulation:
                                     base=base, numel=self.layout.numel)
 
     def step(self) -> dict[str, Any]:
-        rnd, timers, mu = self.round + 1, Timers(), self.cfg.client.lr
+        rnd, timers, mu = self.round + 1, self.base.timers(), self.cfg.client.lr
         t0 = time.perf_counter()
         losses, sent = [], 0
         if self.strategy == "centralized":

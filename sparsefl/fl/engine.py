@@ -20,6 +20,7 @@ remaining rounds bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -58,6 +59,18 @@ AGGREGATE_GROUP = 16
 RemoteClients = Callable[[list[int], bytes, int, float], dict[int, Any]]
 
 
+def resolve_device(name: str) -> torch.device:
+    """run.device -> the device the run's model, data and flat vectors live on."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if torch.version.cuda is None
+               else "torch sees no CUDA device")
+        raise flconfig.ConfigError(f"run.device: cuda asked for, but {why} (torch "
+                                   f"{torch.__version__}); use run.device = cpu or auto")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -86,13 +99,18 @@ class History:
 class Simulation:
     def __init__(self, cfg: flconfig.Config, dataset: fldata.Dataset | None = None) -> None:
         self.cfg = cfg
-        self.data = fldata.subset(dataset or fldata.load(cfg.data.name, cfg.data.dir or None),
-                                  cfg.data.fraction, cfg.data.label_noise,
-                                  seed=derive_seed(cfg.run.seed, 10))
+        self.device = resolve_device(cfg.run.device)
+        data = fldata.subset(dataset or fldata.load(cfg.data.name, cfg.data.dir or None),
+                             cfg.data.fraction, cfg.data.label_noise,
+                             seed=derive_seed(cfg.run.seed, 10))
         self.clients = fldata.partition(
-            self.data.train_y, cfg.data.clients, cfg.data.partition, alpha=cfg.data.alpha,
+            data.train_y, cfg.data.clients, cfg.data.partition, alpha=cfg.data.alpha,
             shards_per_client=cfg.data.shards_per_client,
             test_fraction=cfg.data.test_fraction, seed=derive_seed(cfg.run.seed, 1))
+        # the whole data set on the run's device: batches are then index gathers there
+        self.data = dataclasses.replace(
+            data, train_x=data.train_x.to(self.device), train_y=data.train_y.to(self.device),
+            test_x=data.test_x.to(self.device), test_y=data.test_y.to(self.device))
         self.sparsifier = sparsifiers.build(cfg.sparsity)
         torch.manual_seed(derive_seed(cfg.run.seed, 2))
         kwargs: dict[str, Any] = {}
@@ -103,7 +121,7 @@ class Simulation:
         model = models.build(cfg.model.name, self.data.input_shape, self.data.num_classes,
                              **kwargs)
         apply_init(model, cfg.model.init)  # theta's init; Powerprop maps it to omega
-        self.model = self.sparsifier.setup_model(model)
+        self.model = self.sparsifier.setup_model(model).to(self.device)
         self.has_powerprop = any(isinstance(m, POWERPROP) for m in self.model.modules())
         self.compute_choice: dict[str, str] = {}
         frozen: set[str] = set()
@@ -112,10 +130,10 @@ class Simulation:
             for pname, p in head.named_parameters():
                 p.requires_grad_(False)
                 frozen.add(f"{head_name}.{pname}")
-        self.layout = Layout(self.model, frozen)
+        self.layout = Layout(self.model, frozen, self.device)
         self.global_flat = self.layout.flatten(self.model)
-        self.server = ServerOptimizer(cfg.server, self.layout.numel)
-        self.swa = SWA(self.layout.numel) if cfg.swa.enabled else None
+        self.server = ServerOptimizer(cfg.server, self.layout.numel, self.device)
+        self.swa = SWA(self.layout.numel, self.device) if cfg.swa.enabled else None
         self.buffer_mask = self.layout.mask(buffer=True)
         self.prunable_mask = self.layout.mask(prunable=True)
         self.round = 0
@@ -132,12 +150,16 @@ class Simulation:
     def load_state(self, rnd: int, tensors: dict[str, Tensor]) -> None:
         if tensors["global"].numel() != self.layout.numel:
             raise ValueError("checkpoint does not match this config's model")
-        self.global_flat = tensors["global"].clone()
+        self.global_flat = tensors["global"].to(self.device, copy=True)
         self.server.load_state(tensors)
         self.sparsifier.load_state(tensors)
         if self.swa is not None:
             self.swa.load_state(tensors)
         self.round = rnd
+
+    def timers(self) -> Timers:
+        """Phase timers that wait for the device at each phase boundary."""
+        return Timers(torch.cuda.synchronize if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ a round --------
     def sample(self, rnd: int, attempt: int = 0) -> list[int]:
@@ -154,7 +176,7 @@ class Simulation:
                       down_ref: list[Tensor | None], lr: float,
                       timers: Timers | None = None) -> ClientUpdate | None:
         """One client's round: load the received model, train, select, encode."""
-        cfg, layout, timers = self.cfg, self.layout, timers or Timers()
+        cfg, layout, timers = self.cfg, self.layout, timers or self.timers()
         x, y = self._client_xy(cid)
         if len(y) == 0:
             return None
@@ -223,7 +245,8 @@ class Simulation:
             return up, None, "nonfinite"
         if cfg.max_update_norm:
             idx, val = wire.to_flat_pair(layout, chunks)
-            delta = torch.zeros(layout.numel).index_copy_(0, idx, val) - received
+            delta = layout.zeros().index_copy_(0, idx.to(received.device),
+                                               val.to(received.device)) - received
             norm = float(delta.norm())
             if norm > cfg.max_update_norm:
                 log.warning("round %d: client %d update norm %.4g exceeds "
@@ -236,7 +259,7 @@ class Simulation:
         clients elsewhere (e.g. on Flower nodes) and returns {cid: ClientUpdate, an
         exception, or None}; everything else -- sampling, checks, aggregation, server
         step -- is this same code, so a remote round equals an in-process one."""
-        cfg, layout, timers = self.cfg, self.layout, Timers()
+        cfg, layout, timers = self.cfg, self.layout, self.timers()
         rnd = self.round + 1
         t_round = time.perf_counter()
         lr = client_lr(cfg, rnd)
@@ -291,7 +314,9 @@ class Simulation:
         activated = sum(g["activated"] for g in good)
         deactivated = sum(g["deactivated"] for g in good)
         with timers("aggregate"):
-            mean = acc.result(divisor=float(sum(g["n"] for g in good)))
+            # payloads are decoded and merged on the host (the C++ tiled merge); the mean
+            # travels to the run's device once
+            mean = acc.result(divisor=float(sum(g["n"] for g in good))).to(self.device)
             new = self.server.step(self.global_flat, mean, self.buffer_mask)
             new = self.sparsifier.after_aggregate(layout, new, kept, rnd)
         prunable = self.prunable_mask

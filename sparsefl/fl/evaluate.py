@@ -51,6 +51,6 @@ def regrowth(old: Tensor, sent_idx: Tensor) -> tuple[int, int]:
     """SparsyFed's per-client regrowth over one prunable slice: (activated, deactivated),
     activated = zero in the received model but sent, deactivated = non-zero but not sent."""
     sent = torch.zeros_like(old, dtype=torch.bool)
-    sent[sent_idx] = True
+    sent[sent_idx.to(old.device)] = True
     was = old != 0
     return int((sent & ~was).sum()), int((was & ~sent).sum())

@@ -30,7 +30,11 @@ class Entry:
 
 
 class Layout:
-    def __init__(self, model: nn.Module, frozen: set[str] = frozenset()) -> None:
+    """Flat vectors live on `device` (the run's: model, global vector, server state)."""
+
+    def __init__(self, model: nn.Module, frozen: set[str] = frozenset(),
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         prune = {n for n, _ in prunable(model)}
         params = {n for n, _ in model.named_parameters()}
         self.entries: list[Entry] = []
@@ -46,8 +50,12 @@ class Layout:
 
     def flatten(self, model: nn.Module) -> Tensor:
         state = model.state_dict()
-        return torch.cat([state[e.name].detach().reshape(-1).float().cpu()
-                          for e in self.entries]) if self.entries else torch.zeros(0)
+        return torch.cat([state[e.name].detach().reshape(-1).float().to(self.device)
+                          for e in self.entries]) if self.entries else self.zeros()
+
+    def zeros(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A zero vector of the flat space, on the layout's device."""
+        return torch.zeros(self.numel, dtype=dtype, device=self.device)
 
     @torch.no_grad()
     def load(self, model: nn.Module, flat: Tensor) -> None:
@@ -58,16 +66,16 @@ class Layout:
     def grad_flat(self, model: nn.Module) -> Tensor:
         """Parameter gradients in the flat space (0 for buffers and missing grads)."""
         params = dict(model.named_parameters())
-        out = torch.zeros(self.numel)
+        out = self.zeros()
         for e in self.entries:
             p = params.get(e.name)
             if p is not None and p.grad is not None:
-                out[e.offset:e.offset + e.numel] = p.grad.detach().reshape(-1).float().cpu()
+                out[e.offset:e.offset + e.numel] = p.grad.detach().reshape(-1).float()
         return out
 
     def mask(self, *, prunable: bool | None = None, buffer: bool | None = None) -> Tensor:
         """Boolean over the flat space selecting entries of the given kind."""
-        m = torch.zeros(self.numel, dtype=torch.bool)
+        m = self.zeros(torch.bool)
         for e in self.entries:
             if (prunable is None or e.prunable == prunable) and \
                     (buffer is None or e.is_buffer == buffer):

@@ -15,14 +15,15 @@ from sparsefl.fl.config import ServerSection
 
 
 class ServerOptimizer:
-    def __init__(self, cfg: ServerSection, numel: int) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ServerSection, numel: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
         self.buffers: dict[str, Tensor] = {}
         if cfg.optimizer == "fedavgm":
-            self.buffers["v"] = torch.zeros(numel)
+            self.buffers["v"] = torch.zeros(numel, device=self.device)
         elif cfg.optimizer == "fedadam":
-            self.buffers["m1"] = torch.zeros(numel)
-            self.buffers["m2"] = torch.zeros(numel)
+            self.buffers["m1"] = torch.zeros(numel, device=self.device)
+            self.buffers["m2"] = torch.zeros(numel, device=self.device)
 
     @torch.no_grad()
     def step(self, w: Tensor, mean: Tensor, buffer_mask: Tensor) -> Tensor:
@@ -47,4 +48,4 @@ class ServerOptimizer:
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         for k in self.buffers:
-            self.buffers[k] = state[f"server.{k}"].clone()
+            self.buffers[k] = state[f"server.{k}"].to(self.device, copy=True)

@@ -120,7 +120,8 @@ class Flash(TopK):
         if not self.masks:
             return
         named = dict(model.named_parameters())
-        self._params = [(named[n], m.view(named[n].shape)) for n, m in self.masks.items()]
+        self._params = [(named[n], m.view(named[n].shape).to(named[n].device))
+                        for n, m in self.masks.items()]
         self.after_step(model)
 
     @torch.no_grad()

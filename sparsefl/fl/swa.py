@@ -42,8 +42,9 @@ def cycle_end(cfg: Config, rnd: int) -> bool:
 
 
 class SWA:
-    def __init__(self, numel: int) -> None:
-        self.total = torch.zeros(numel, dtype=torch.float64)
+    def __init__(self, numel: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.total = torch.zeros(numel, dtype=torch.float64, device=self.device)
         self.count = 0
 
     def collect(self, flat: Tensor) -> None:
@@ -57,5 +58,5 @@ class SWA:
         return {"swa.total": self.total, "swa.count": torch.tensor(self.count)}
 
     def load_state(self, state: dict[str, Tensor]) -> None:
-        self.total = state["swa.total"].clone()
+        self.total = state["swa.total"].to(self.device, copy=True)
         self.count = int(state["swa.count"])

@@ -20,23 +20,43 @@ def chunks_from_flat(layout: Layout, flat: Tensor,
                      selected: dict[str, Tensor] | None = None) -> list[codec.SparseChunk]:
     """One chunk per entry: `selected[name]` (ascending local indices) where given, the
     non-zeros for other prunable entries, everything for dense ones."""
-    out = []
+    idxs, vals = [], []
     for e in layout.entries:
         piece = flat[e.offset:e.offset + e.numel]
         if selected is not None and e.name in selected:
-            idx = selected[e.name]
+            idx = selected[e.name].to(flat.device)
         elif e.prunable:
             idx = piece.nonzero().flatten()
         else:
-            idx = torch.arange(e.numel)
-        out.append(codec.SparseChunk(e.numel, idx, piece[idx]))
-    return out
+            idx = torch.arange(e.numel, device=flat.device)
+        idxs.append(idx)
+        vals.append(piece[idx])
+    if flat.device.type != "cpu":
+        idxs, vals = _to_host(idxs, vals)
+    return [codec.SparseChunk(e.numel, i, v) for e, i, v in zip(layout.entries, idxs, vals)]
+
+
+def _to_host(idxs: list[Tensor], vals: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Every chunk's indices and float32 values in one device-to-host copy: the values'
+    bits ride as int64 beside the indices and are reinterpreted on the host."""
+    sizes = [len(i) for i in idxs]
+    n = sum(sizes)
+    bits = torch.cat(vals).float().view(torch.int32).long() if vals else torch.empty(0)
+    host = torch.cat([torch.cat(idxs).long(), bits]).cpu()
+    idx_all, val_all = host[:n], host[n:].int().view(torch.float32)
+    return list(idx_all.split(sizes)), list(val_all.split(sizes))
 
 
 def supports(layout: Layout, flat: Tensor) -> list[Tensor | None]:
-    """Non-zero positions of each prunable entry (the reference both sides know)."""
-    return [flat[e.offset:e.offset + e.numel].nonzero().flatten() if e.prunable else None
+    """Non-zero positions of each prunable entry (the reference both sides know), on the
+    host where the codec reads them (one copy from a device)."""
+    refs = [flat[e.offset:e.offset + e.numel].nonzero().flatten() if e.prunable else None
             for e in layout.entries]
+    present = [r for r in refs if r is not None]
+    if flat.device.type == "cpu" or not present:
+        return refs
+    host = iter(torch.cat(present).cpu().split([len(r) for r in present]))
+    return [next(host) if r is not None else None for r in refs]
 
 
 def encode(chunks: Sequence[codec.SparseChunk],
@@ -76,5 +96,6 @@ def to_tiled(layout: Layout, chunks: Sequence[codec.SparseChunk]) -> ops.TiledPa
 
 
 def to_flat(layout: Layout, chunks: Sequence[codec.SparseChunk]) -> Tensor:
+    """The dense flat vector, on the layout's device (built on the host, one copy)."""
     idx, val = to_flat_pair(layout, chunks)
-    return torch.zeros(layout.numel).index_copy_(0, idx, val)
+    return torch.zeros(layout.numel).index_copy_(0, idx, val).to(layout.device)
