@@ -37,7 +37,7 @@ def _key(x_ptr, offs, mask):
 @triton.jit
 def _hist_kernel(x_ptr, n, prefix_ptr, hist_ptr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
                  BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors above 2^31 elements
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     key = _key(x_ptr, offs, inside)
@@ -50,7 +50,7 @@ def _hist_kernel(x_ptr, n, prefix_ptr, hist_ptr, SHIFT: tl.constexpr, WIDTH: tl.
 
 @triton.jit
 def _eq_count_kernel(x_ptr, n, key_ptr, counts_ptr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors above 2^31 elements
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     key = _key(x_ptr, offs, inside)
@@ -60,7 +60,7 @@ def _eq_count_kernel(x_ptr, n, key_ptr, counts_ptr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _mask_kernel(x_ptr, n, key_ptr, need_ptr, eq_before_ptr, out_ptr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors above 2^31 elements
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     key = _key(x_ptr, offs, inside)

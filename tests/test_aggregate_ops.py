@@ -13,7 +13,7 @@ from conftest import cpu_backends
 from sparsefl import ops
 from sparsefl.codec import SparseChunk
 
-BACKENDS = [b for b in cpu_backends() if b.id != "triton"]  # no Triton aggregation yet
+BACKENDS = cpu_backends()
 
 
 def payloads(C: int, numel: int, density: float, seed: int, dtype=torch.float32,

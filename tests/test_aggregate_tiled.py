@@ -11,7 +11,7 @@ from test_aggregate_ops import float64_reference, payloads
 from sparsefl import ops
 from sparsefl.ops.tiled import TILE, num_tiles, untile
 
-BACKENDS = [b for b in cpu_backends() if b.id != "triton"]
+BACKENDS = cpu_backends()
 
 
 def tiled(pays, numel):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import cpu_backends
 
-from sparsefl import _native, ops
+from sparsefl import ops
 from sparsefl.ops import sam as sam_module
 from sparsefl.ops.reference import sam as reference
 
@@ -258,13 +258,13 @@ def test_ops_work_under_torch_compile():
         assert torch.equal(o, w)
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.id != "reference"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_cpp_perturbation_is_bitwise_the_reference(adaptive):
-    # fp32: the C++ norm is a float64 sum like the reference's (only the order differs) and
-    # the scale is rounded to float once from double rho, so every perturbed weight matches
-    # bit for bit -- engine and eager SAM runs then stay identical through exact top-k.
-    if not _native.has_cpu_kernels():
-        pytest.skip(f"native extension not loaded: {_native.LOAD_ERROR}")
+def test_perturbation_is_bitwise_the_reference(adaptive, backend):
+    # fp32: the C++ and Triton norms are float64 sums like the reference's (only the order
+    # differs) and the scale is rounded to float once from double rho, so every perturbed
+    # weight matches bit for bit -- engine and eager SAM runs then stay identical through
+    # exact top-k.  (Triton on a GPU: launched without FMA contraction, for the same bits.)
     g = torch.Generator().manual_seed(3)
     shapes = [(128, 64, 3, 3), (64,), (512, 256), (1000,)]
     for _ in range(16):  # a float32 rho changed the scale in about one draw in four
@@ -272,7 +272,7 @@ def test_cpp_perturbation_is_bitwise_the_reference(adaptive):
         gs = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
         a = [torch.empty_like(w) for w in ws]
         b = [torch.empty_like(w) for w in ws]
-        na = ops.sam_perturb(ws, gs, a, rho=0.05, adaptive=adaptive, backend="cpp")
+        na = ops.sam_perturb(ws, gs, a, rho=0.05, adaptive=adaptive, backend=backend)
         nb = ops.sam_perturb(ws, gs, b, rho=0.05, adaptive=adaptive, backend="reference")
         assert torch.equal(na, nb)
         for x, y in zip(a, b):

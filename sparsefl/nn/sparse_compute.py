@@ -106,7 +106,8 @@ class _SparseLayer(torch.autograd.Function):
             y = torch.ops.sparsefl_C.sparse_conv_forward(x4, w4, m.beta, sup.rowptr, sup.cols,
                                                          bias, sp.stride, sp.padding)
         else:
-            y = sc.sparse_conv_forward(x4, w4, m.beta, sup, bias, sp.stride, sp.padding)
+            y = sc.sparse_conv_forward(x4, w4, m.beta, sup, bias, sp.stride, sp.padding,
+                                       backend="reference")
         ctx.m, ctx.x_shape, ctx.x4_shape = m, x.shape, list(x4.shape)
         ctx.has_bias = bias is not None
         if ctx.needs_input_grad[1]:
@@ -114,7 +115,8 @@ class _SparseLayer(torch.autograd.Function):
             k = act_keep(m, x) if prune else -1
             pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)
                     if sp.native else
-                    tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)))
+                    tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding,
+                                             backend="reference")))
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
             ctx.save_for_backward(omega, *pack)
         else:
@@ -306,8 +308,10 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
         if mode == "dense" or unsupported(m, fixed_support) is not None:
             m.compute, m._spec = "dense", None
         else:
-            native = _backend.resolve(backend, [m.weight], native_op="sparse_conv_forward",
-                                      triton=False) == "cpp"
+            # the C++ kernels, or the reference (plain torch, any device) when another
+            # backend is asked for: sparse compute has no Triton or CUDA face by design
+            native = _backend.requested(backend) in ("auto", "cpp") and _backend.resolve(
+                backend, [m.weight], native_op="sparse_conv_forward", triton=False) == "cpp"
             m._spec = _Spec(m, sc.pack_support(m.weight), native)
             m._checked = None
             m.compute = mode

@@ -19,7 +19,9 @@ reproducible (fixed client order, float64 per element), and the kernel's working
 does not grow with the number of clients.
 
 Backends: reference (float64 index_add_), cpp (tiled merge, csrc/cpu/aggregate.cpp),
-cuda (one block per tile, csrc/cuda/aggregate.cu: compile-checked, not yet run on a GPU).
+triton (one scatter per client in client order, kernels/aggregate.py; every form), cuda
+(one block per tile, csrc/cuda/aggregate.cu: compile-checked, not yet run on a GPU; no
+accumulate mode yet: auto takes Triton there).
 Registered as torch.ops.sparsefl.sparse_aggregate and .sparse_aggregate_tiled.
 """
 
@@ -41,11 +43,18 @@ _lib.define("sparse_aggregate(Tensor[] indices, Tensor[] values, float[] weights
 
 
 def _impl(indices, values, weights, out, base, lr, backend):
-    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=False)
-    if name == "cuda" and out.dtype == torch.float64:
-        name = "reference"  # accumulate mode has no CUDA kernel yet
+    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=True)
+    if name == "cuda" and out.dtype == torch.float64:  # accumulate: no CUDA kernel yet
+        if _backend.requested(backend) == "cuda":
+            raise RuntimeError("sparsefl: backend 'cuda' has no accumulate (float64 out) "
+                               "kernel yet; use backend='auto' (Triton) or 'reference'")
+        name = "triton" if _backend.triton_error(out.device) is None else "reference"
     if name == "reference":
         _reference.sparse_aggregate(indices, values, weights, out, base, lr)
+    elif name == "triton":
+        from sparsefl.triton_kernels import aggregate as _triton
+
+        _triton.sparse_aggregate(indices, values, weights, out, base, lr)
     else:
         torch.ops.sparsefl_C.sparse_aggregate(indices, values, weights, out, base, lr)
     torch.autograd.graph.increment_version(out)
@@ -64,13 +73,14 @@ _lib.define("sparse_aggregate_tiled(Tensor[] offsets, Tensor[] local, Tensor[] v
 
 
 def _impl_tiled(offsets, local, values, weights, out, base, lr, backend):
-    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=False)
+    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=True)
     if name == "cpp":
         torch.ops.sparsefl_C.sparse_aggregate_tiled(offsets, local, values, weights, out, base,
                                                     lr)
         torch.autograd.graph.increment_version(out)
         return
-    # reference and CUDA take the flat pairs (the tile structure is checked on the way)
+    # reference, Triton and CUDA take the flat pairs (the tile structure is checked on the
+    # way, on the payload's device)
     numel = out.numel()
     if not len(offsets) == len(local) == len(values):
         raise ValueError(f"sparsefl.aggregate: {len(offsets)} offset tensors, {len(local)} "

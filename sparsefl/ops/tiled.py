@@ -44,9 +44,8 @@ _lib.define("tile_indices(Tensor[] pieces, int[] starts, int numel, str backend)
             "-> (Tensor, Tensor)")
 
 
-def _reference_tile_indices(pieces: Sequence[Tensor], starts: Sequence[int], numel: int
-                            ) -> tuple[Tensor, Tensor]:
-    """Plain torch: concatenate, check, cut (the definition the C++ pass is tested against)."""
+def _checked_flat(pieces: Sequence[Tensor], starts: Sequence[int], numel: int) -> Tensor:
+    """The flat index sequence, after checking dtypes, strict ascent and range."""
     if len(pieces) != len(starts):
         raise ValueError(f"sparsefl.tile_indices: {len(pieces)} index tensors and "
                          f"{len(starts)} starts")
@@ -66,15 +65,30 @@ def _reference_tile_indices(pieces: Sequence[Tensor], starts: Sequence[int], num
                          or bool((flat[1:] <= flat[:-1]).any())):
         raise ValueError("sparsefl.tile_indices: the flat indices are not strictly ascending "
                          f"in [0, {numel})")
+    return flat
+
+
+def _reference_tile_indices(pieces: Sequence[Tensor], starts: Sequence[int], numel: int
+                            ) -> tuple[Tensor, Tensor]:
+    """Plain torch: concatenate, check, cut (the definition the C++ pass is tested against)."""
+    flat = _checked_flat(pieces, starts, numel)
+    device = flat.device
     starts_t = torch.arange(0, num_tiles(numel) + 1, device=device) * TILE
     return (torch.searchsorted(flat, starts_t, out_int32=True),
             (flat & (TILE - 1)).to(torch.int16))
 
 
 def _impl(pieces, starts, numel, backend):
-    name = _backend.resolve(backend, list(pieces), native_op="tile_indices", triton=False)
+    name = _backend.resolve(backend, list(pieces), native_op="tile_indices", triton=True)
     if name == "cpp":
         return torch.ops.sparsefl_C.tile_indices(pieces, starts, numel)
+    if name == "triton":
+        from sparsefl.triton_kernels import aggregate as _triton
+
+        _checked_flat(pieces, starts, numel)
+        return _triton.tile_indices(pieces, starts, numel)
+    if name == "cuda":  # no CUDA tile kernel: the same torch ops on the device
+        name = "reference"
     return _reference_tile_indices(pieces, starts, numel)
 
 
