@@ -4,13 +4,21 @@
 // All tensors are cut into fixed chunks of kChunk elements; a table of (tensor, begin, len)
 // travels to the device once per call, so three launches cover any number of tensors:
 //
-//   1. sumsq_kernel   one CUDA block per chunk: float per-thread sums, a fixed-shape tree
-//                     reduction, one double partial per chunk (no atomics).
+//   1. sumsq_kernel   one CUDA block per chunk: double per-thread sums of squares (as the
+//                     reference), a fixed-shape tree reduction, one double partial per
+//                     chunk (no atomics).
 //   2. finish_kernel  one block adds the partials in a fixed order -> norms[2] (double),
 //                     left on the device: no host synchronisation anywhere.
 //   3. apply_kernel   one block per chunk reads norms and writes out (+ backup).
 //
-// Deterministic bit-for-bit for a given input and GPU, and CUDA-graph capturable.
+// Deterministic bit-for-bit for a given input and GPU, and CUDA-graph capturable.  rho
+// stays double until the scale float(rho / (n + eps)) is formed, and the per-element
+// arithmetic uses round-to-nearest intrinsics (__fmul_rn, __fadd_rn), which nvcc never
+// contracts into FMAs: the perturbed weights are the reference's float32 expression,
+// evaluated in its order, bit for bit (the norm differs from the reference's only by the
+// order of a float64 sum).  Every tensor argument is checked (dtype, shape, device,
+// length) before anything is written: a mismatch is a TypeError/ValueError, never a
+// write past a buffer.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -35,7 +43,7 @@ struct Seg {
   void* backup;
   int32_t dtype;  // 0 float, 1 half, 2 bfloat16
   int32_t adaptive;
-  float rho;
+  double rho;
 };
 
 struct Chunk {
@@ -85,14 +93,14 @@ __global__ void sumsq_kernel(const Seg* segs, const Chunk* chunks, float eta, do
   __shared__ double smem[kThreads];
   const Chunk c = chunks[blockIdx.x];
   const Seg s = segs[c.seg];
-  float a1 = 0.f, a2 = 0.f;
+  double a1 = 0.0, a2 = 0.0;
   for (int64_t k = threadIdx.x; k < c.len; k += blockDim.x) {
     const int64_t i = c.begin + k;
-    float g = load(s.g1, s.dtype, i);
-    if (s.adaptive) g *= fabsf(load(s.w, s.dtype, i)) + eta;
+    double g = load(s.g1, s.dtype, i);
+    if (s.adaptive) g *= static_cast<double>(__fadd_rn(fabsf(load(s.w, s.dtype, i)), eta));
     a1 += g * g;
     if (s.g2) {
-      const float h = load(s.g2, s.dtype, i);
+      const double h = load(s.g2, s.dtype, i);
       a2 += h * h;
     }
   }
@@ -122,7 +130,7 @@ __global__ void finish_kernel(const double* partials, int64_t nchunks, double* n
 }
 
 __global__ void apply_kernel(const Seg* segs, const Chunk* chunks, const double* norms,
-                             float rho2, float eta, double eps) {
+                             double rho2, float eta, double eps) {
   const Chunk c = chunks[blockIdx.x];
   const Seg s = segs[c.seg];
   const double n1 = norms[0], n2 = norms[1];
@@ -136,13 +144,14 @@ __global__ void apply_kernel(const Seg* segs, const Chunk* chunks, const double*
     float o = w;
     if (perturb) {
       const float g = load(s.g1, s.dtype, i);
+      // the reference's order, e = (T*T) * g * s, then w + e; _rn: no FMA contraction
       if (s.adaptive) {
-        const float t = fabsf(w) + eta;
-        o = w + (t * t) * g * s1;
+        const float t = __fadd_rn(fabsf(w), eta);
+        o = __fadd_rn(w, __fmul_rn(__fmul_rn(__fmul_rn(t, t), g), s1));
       } else {
-        o = w + g * s1;
+        o = __fadd_rn(w, __fmul_rn(g, s1));
       }
-      if (s.g2) o -= load(s.g2, s.dtype, i) * s2;
+      if (s.g2) o = __fsub_rn(o, __fmul_rn(load(s.g2, s.dtype, i), s2));
     }
     store(s.out, s.dtype, i, o);
   }
@@ -153,7 +162,8 @@ int32_t dtype_code(at::ScalarType t) {
     case at::kFloat: return 0;
     case at::kHalf: return 1;
     case at::kBFloat16: return 2;
-    default: TORCH_CHECK(false, "sparsefl: unsupported dtype ", t);
+    default:
+      TORCH_CHECK_TYPE(false, "sparsefl: unsupported dtype ", t, " (float32, float16, bfloat16)");
   }
 }
 
@@ -170,13 +180,34 @@ at::Tensor perturb_cuda(at::TensorList w, at::TensorList g1, at::TensorList g2,
                         at::TensorList out, at::TensorList backup, at::ArrayRef<double> rho,
                         double rho2, const c10::List<bool>& adaptive, double eta, double eps) {
   const size_t n = w.size();
-  TORCH_CHECK(n > 0, "sparsefl: the CUDA backend needs at least one tensor");
-  TORCH_CHECK(g1.size() == n && out.size() == n, "sparsefl: list lengths differ");
-  TORCH_CHECK(g2.empty() || g2.size() == n, "sparsefl: second gradient list length differs");
-  TORCH_CHECK(backup.empty() || backup.size() == n, "sparsefl: backup list length differs");
-  TORCH_CHECK(rho.size() == n && adaptive.size() == n, "sparsefl: rho/adaptive per tensor");
-  TORCH_CHECK(eps > 0.0, "sparsefl: eps must be > 0");
+  TORCH_CHECK_VALUE(n > 0, "sparsefl: the CUDA backend needs at least one tensor");
+  TORCH_CHECK_VALUE(g1.size() == n && out.size() == n, "sparsefl: list lengths differ");
+  TORCH_CHECK_VALUE(g2.empty() || g2.size() == n,
+                    "sparsefl: second gradient list length differs");
+  TORCH_CHECK_VALUE(backup.empty() || backup.size() == n,
+                    "sparsefl: backup list length differs");
+  TORCH_CHECK_VALUE(rho.size() == n && adaptive.size() == n,
+                    "sparsefl: rho/adaptive per tensor");
+  TORCH_CHECK_VALUE(eps > 0.0, "sparsefl: eps must be > 0");
   const at::Device device = w[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "sparsefl: the CUDA backend got tensors on ", device);
+  // Every argument against w[i] before any pointer is taken: one dtype per tensor (it
+  // decides the element width the kernels read and write), same shape, same device.
+  auto check = [&](const at::Tensor& t, const at::Tensor& ref, const char* what, size_t i) {
+    TORCH_CHECK_VALUE(t.device() == device, "sparsefl: ", what, "[", i, "] is on ",
+                      t.device(), ", params[0] on ", device);
+    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "sparsefl: ", what, "[", i,
+                     "] has dtype ", t.scalar_type(), ", params[", i, "] ", ref.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "sparsefl: ", what, "[", i, "] has shape ",
+                      t.sizes(), ", params[", i, "] ", ref.sizes());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    check(w[i], w[i], "params", i);
+    check(g1[i], w[i], "grads", i);
+    check(out[i], w[i], "out", i);
+    if (!g2.empty()) check(g2[i], w[i], "grads2", i);
+    if (!backup.empty()) check(backup[i], w[i], "backup", i);
+  }
   c10::cuda::CUDAGuard guard(device);
 
   std::vector<at::Tensor> keep;
@@ -195,12 +226,10 @@ at::Tensor perturb_cuda(at::TensorList w, at::TensorList g1, at::TensorList g2,
   std::vector<Seg> segs(n);
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(g1[i].sizes() == w[i].sizes() && out[i].sizes() == w[i].sizes(),
-                "sparsefl: shape mismatch at tensor ", i);
     Seg& s = segs[i];
     s.dtype = dtype_code(w[i].scalar_type());
     s.adaptive = adaptive[i];
-    s.rho = static_cast<float>(rho[i]);
+    s.rho = rho[i];
     const bool in_place = out[i].is_same(w[i]) && w[i].is_contiguous();
     s.w = in_place ? w[i].data_ptr() : in(w[i]);
     s.g1 = in(g1[i]);
@@ -223,18 +252,28 @@ at::Tensor perturb_cuda(at::TensorList w, at::TensorList g1, at::TensorList g2,
                                               partials.data_ptr<double>());
     finish_kernel<<<1, kThreads, 0, stream>>>(partials.data_ptr<double>(), nc,
                                               norms.data_ptr<double>());
-    apply_kernel<<<nc, kThreads, 0, stream>>>(sp, cp, norms.data_ptr<double>(),
-                                              static_cast<float>(rho2), static_cast<float>(eta),
-                                              eps);
+    apply_kernel<<<nc, kThreads, 0, stream>>>(sp, cp, norms.data_ptr<double>(), rho2,
+                                              static_cast<float>(eta), eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   for (auto& [dst, tmp] : copy_back) dst.copy_(tmp);
   return norms.to(at::kFloat);
 }
 
+// The exact restore: same dtype, shape and device, or an error (no conversion, no
+// broadcast: a restore that changed the weights would be silent corruption).
 void copy_cuda(at::TensorList dst, at::TensorList src) {
-  TORCH_CHECK(dst.size() == src.size(), "sparsefl: restore list lengths differ");
-  for (size_t i = 0; i < dst.size(); ++i) dst[i].copy_(src[i], /*non_blocking=*/true);
+  TORCH_CHECK_VALUE(dst.size() == src.size(), "sparsefl: restore list lengths differ");
+  for (size_t i = 0; i < dst.size(); ++i) {
+    TORCH_CHECK_VALUE(dst[i].device() == src[i].device() && dst[i].is_cuda(),
+                      "sparsefl: restore[", i, "]: ", src[i].device(), " -> ",
+                      dst[i].device());
+    TORCH_CHECK_TYPE(dst[i].scalar_type() == src[i].scalar_type(), "sparsefl: restore[", i,
+                     "]: dtype ", src[i].scalar_type(), " -> ", dst[i].scalar_type());
+    TORCH_CHECK_VALUE(dst[i].sizes() == src[i].sizes(), "sparsefl: restore[", i,
+                      "]: shape ", src[i].sizes(), " -> ", dst[i].sizes());
+    dst[i].copy_(src[i], /*non_blocking=*/true);
+  }
 }
 
 }  // namespace

@@ -8,12 +8,15 @@
 //   pick_kernel    one thread walks the 256 bins from the top: the bin holding the k-th
 //                  key, how many keys lie above it; updates prefix and remaining k on device
 //   count_kernel   per block: keys equal to the k-th key (the ties)
-//   scan_kernel    one thread: exclusive scan of the per-block tie counts
-//   mask_kernel    each thread owns a contiguous run of its block; the block scans the
-//                  runs' tie counts, so ties are kept in index order (lower index wins)
-// Compression compacts the mask with at::nonzero (sorted).  NaN is refused with one
-// host check before the selection.  Not yet run on a GPU in this project: compile-checked
-// by tests/test_cuda_compile.py.
+//   scan_kernel    one block: exclusive scan of the per-block tie counts (each thread a
+//                  contiguous segment, the 256 segment sums scanned in shared memory)
+//   mask_kernel    coalesced: round r of a block reads elements start + r*256 + tid; a
+//                  warp ballot + popcount and the 8 warp counts give each tie its rank
+//                  in index order (lower index wins)
+// Compression compacts the mask with at::nonzero (sorted); the error-feedback residuals
+// are updated from the flat buffer with device copies (no host sync per tensor).  NaN is
+// refused with one host check (one flag per tensor, one read) before the selection.
+// Not yet run on a GPU in this project: compile-checked by tests/test_cuda_compile.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,9 +86,26 @@ __global__ void count_kernel(const float* x, int64_t n, const uint32_t* kth, lon
   if (threadIdx.x == 0) counts[blockIdx.x] = c;
 }
 
+// In place, one block of kThreads: counts[b] <- ties in blocks before b.
 __global__ void scan_kernel(long long* counts, int64_t blocks) {
-  long long run = 0;  // in place: counts[b] <- ties in blocks before b
-  for (int64_t b = 0; b < blocks; ++b) {
+  __shared__ long long sums[kThreads];
+  const int64_t per = (blocks + kThreads - 1) / kThreads;
+  const int64_t lo = min(blocks, threadIdx.x * per), hi = min(blocks, lo + per);
+  long long s = 0;
+  for (int64_t b = lo; b < hi; ++b) s += counts[b];
+  sums[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {  // 256 segment sums: exclusive scan, integers (exact)
+    long long run = 0;
+    for (int t = 0; t < kThreads; ++t) {
+      const long long c = sums[t];
+      sums[t] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  long long run = sums[threadIdx.x];
+  for (int64_t b = lo; b < hi; ++b) {
     const long long c = counts[b];
     counts[b] = run;
     run += c;
@@ -95,31 +115,30 @@ __global__ void scan_kernel(long long* counts, int64_t blocks) {
 __global__ void mask_kernel(const float* x, int64_t n, const uint32_t* kth,
                             const long long* need_ptr, const long long* eq_before,
                             bool* out) {
-  __shared__ long long run_ties[kThreads];
+  constexpr int kWarps = kThreads / 32;
+  __shared__ int warp_ties[kWarps];
   const uint32_t key = *kth;
   const long long need = *need_ptr;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * kBlockElems +
-                        static_cast<int64_t>(threadIdx.x) * kPerThread;
-  const int64_t end = min(n, start + kPerThread);
-  long long mine = 0;
-  for (int64_t i = start; i < end; ++i) mine += key_at(x, i) == key;
-  run_ties[threadIdx.x] = mine;
-  __syncthreads();
-  if (threadIdx.x == 0) {  // exclusive scan over the block's runs, in thread order
-    long long r = eq_before[blockIdx.x];
-    for (int t = 0; t < kThreads; ++t) {
-      const long long c = run_ties[t];
-      run_ties[t] = r;
-      r += c;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kBlockElems;
+  long long base = eq_before[blockIdx.x];  // ties before this round, in index order
+  for (int r = 0; r < kPerThread; ++r) {
+    const int64_t i = start + static_cast<int64_t>(r) * kThreads + threadIdx.x;
+    const bool valid = i < n;
+    const uint32_t k = valid ? key_at(x, i) : 0u;
+    const bool eq = valid && k == key;
+    const unsigned ballot = __ballot_sync(0xffffffffu, eq);
+    if (lane == 0) warp_ties[warp] = __popc(ballot);
+    __syncthreads();
+    long long before = base + __popc(ballot & ((1u << lane) - 1u));
+    long long total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (w < warp) before += warp_ties[w];
+      total += warp_ties[w];
     }
-  }
-  __syncthreads();
-  long long rank = run_ties[threadIdx.x];
-  for (int64_t i = start; i < end; ++i) {
-    const uint32_t k = key_at(x, i);
-    bool keep = k > key;
-    if (k == key) keep = rank++ < need;
-    out[i] = keep;
+    if (valid) out[i] = k > key || (eq && before < need);
+    __syncthreads();  // warp_ties is rewritten by the next round
+    base += total;
   }
 }
 
@@ -153,26 +172,33 @@ at::Tensor flat_mask(const at::Tensor& flat, int64_t k) {
   return out;
 }
 
-at::Tensor flatten_checked(at::TensorList xs) {
+// dtypes and devices, then NaN: one flag per tensor on the device, one read (no copy).
+void check_inputs(at::TensorList xs) {
   TORCH_CHECK_VALUE(!xs.empty(), "sparsefl.topk: no tensors");
-  std::vector<at::Tensor> flat;
+  std::vector<at::Tensor> nan;
   for (size_t i = 0; i < xs.size(); ++i) {
     const auto st = xs[i].scalar_type();
     TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                      "sparsefl.topk: tensors[", i, "] has dtype ", st);
     TORCH_CHECK_VALUE(xs[i].device() == xs[0].device(), "sparsefl.topk: mixed devices");
-    flat.push_back(xs[i].reshape({-1}).to(at::kFloat));
+    nan.push_back(at::isnan(xs[i]).any().reshape({1}));
   }
-  auto all = at::cat(flat);
-  TORCH_CHECK_VALUE(!at::isnan(all).any().item<bool>(), "sparsefl.topk: input contains NaN; "
+  TORCH_CHECK_VALUE(!at::cat(nan).any().item<bool>(), "sparsefl.topk: input contains NaN; "
                     "the magnitude order of NaN is undefined (clean or mask the tensor first)");
-  return all;
+}
+
+// The tensors as one flat float32 buffer (the selection reads float keys).
+at::Tensor flat_float(at::TensorList xs) {
+  std::vector<at::Tensor> flat;
+  for (const auto& x : xs) flat.push_back(x.reshape({-1}).to(at::kFloat));
+  return flat.size() == 1 ? flat[0].contiguous() : at::cat(flat);
 }
 
 std::vector<at::Tensor> topk_mask_cuda(at::TensorList xs, int64_t k) {
   if (xs.empty()) return {};
   c10::cuda::CUDAGuard guard(xs[0].device());
-  auto all = flatten_checked(xs);
+  check_inputs(xs);
+  auto all = flat_float(xs);
   TORCH_CHECK_VALUE(k >= 0 && k <= all.numel(), "sparsefl.topk: k out of range");
   auto mask = flat_mask(all, k);
   std::vector<at::Tensor> out;
@@ -188,25 +214,39 @@ std::tuple<at::Tensor, at::Tensor> topk_compress_cuda(at::TensorList xs, at::Ten
                                                       int64_t k) {
   TORCH_CHECK_VALUE(!xs.empty(), "sparsefl.topk: topk_compress needs at least one tensor");
   c10::cuda::CUDAGuard guard(xs[0].device());
-  flatten_checked(xs);  // validates and refuses NaN before the residual is touched
+  check_inputs(xs);  // refuses NaN before the residual is touched
+  TORCH_CHECK_VALUE(residual.empty() || residual.size() == xs.size(),
+                    "sparsefl.topk: one residual per tensor");
+  int64_t total = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    total += xs[i].numel();
+    if (!residual.empty()) {
+      TORCH_CHECK_VALUE(residual[i].sizes() == xs[i].sizes() &&
+                            residual[i].scalar_type() == xs[i].scalar_type() &&
+                            residual[i].device() == xs[i].device(),
+                        "sparsefl.topk: residual[", i, "] must match tensors[", i, "]");
+    }
+  }
+  TORCH_CHECK_VALUE(k >= 0 && k <= total, "sparsefl.topk: k out of range");
   std::vector<at::Tensor> src;
   for (size_t i = 0; i < xs.size(); ++i) {
     if (residual.empty()) {
       src.push_back(xs[i].reshape({-1}));
     } else {
       residual[i].add_(xs[i]);
-      src.push_back(residual[i].view({-1}));
+      src.push_back(residual[i].reshape({-1}));
     }
   }
-  auto flat = at::cat(src);
-  TORCH_CHECK_VALUE(k >= 0 && k <= flat.numel(), "sparsefl.topk: k out of range");
+  auto flat = src.size() == 1 ? src[0].contiguous() : at::cat(src);
   auto idx = at::nonzero(flat_mask(flat.to(at::kFloat), k)).view({-1});
   auto values = flat.index_select(0, idx);
-  int64_t off = 0;
-  for (const auto& r : residual) {  // what was sent is no longer owed
-    auto local = idx.masked_select(idx.ge(off).logical_and(idx.lt(off + r.numel()))) - off;
-    r.view({-1}).index_fill_(0, local, 0);
-    off += r.numel();
+  if (!residual.empty()) {  // what was sent is no longer owed: zero it, copy back
+    flat.index_fill_(0, idx, 0);  // values were gathered above
+    int64_t off = 0;
+    for (const auto& r : residual) {  // (a no-op when flat is the one residual's storage)
+      r.copy_(flat.narrow(0, off, r.numel()).view(r.sizes()));
+      off += r.numel();
+    }
   }
   return {idx, values};
 }

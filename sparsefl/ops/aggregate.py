@@ -19,9 +19,9 @@ reproducible (fixed client order, float64 per element), and the kernel's working
 does not grow with the number of clients.
 
 Backends: reference (float64 index_add_), cpp (tiled merge, csrc/cpu/aggregate.cpp),
-triton (one scatter per client in client order, kernels/aggregate.py; every form), cuda
-(one block per tile, csrc/cuda/aggregate.cu: compile-checked, not yet run on a GPU; no
-accumulate mode yet: auto takes Triton there).
+triton (one scatter per client in client order, kernels/aggregate.py), cuda (one block
+per tile, flat and tiled payloads, accumulate mode; csrc/cuda/aggregate.cu:
+compile-checked, not yet run on a GPU).  Every backend has every form.
 Registered as torch.ops.sparsefl.sparse_aggregate and .sparse_aggregate_tiled.
 """
 
@@ -44,11 +44,6 @@ _lib.define("sparse_aggregate(Tensor[] indices, Tensor[] values, float[] weights
 
 def _impl(indices, values, weights, out, base, lr, backend):
     name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=True)
-    if name == "cuda" and out.dtype == torch.float64:  # accumulate: no CUDA kernel yet
-        if _backend.requested(backend) == "cuda":
-            raise RuntimeError("sparsefl: backend 'cuda' has no accumulate (float64 out) "
-                               "kernel yet; use backend='auto' (Triton) or 'reference'")
-        name = "triton" if _backend.triton_error(out.device) is None else "reference"
     if name == "reference":
         _reference.sparse_aggregate(indices, values, weights, out, base, lr)
     elif name == "triton":
@@ -73,14 +68,14 @@ _lib.define("sparse_aggregate_tiled(Tensor[] offsets, Tensor[] local, Tensor[] v
 
 
 def _impl_tiled(offsets, local, values, weights, out, base, lr, backend):
-    name = _backend.resolve(backend, [out], native_op="sparse_aggregate", triton=True)
-    if name == "cpp":
+    name = _backend.resolve(backend, [out], native_op="sparse_aggregate_tiled", triton=True)
+    if name in ("cpp", "cuda"):  # the tiled merge reads the layout as it is
         torch.ops.sparsefl_C.sparse_aggregate_tiled(offsets, local, values, weights, out, base,
                                                     lr)
         torch.autograd.graph.increment_version(out)
         return
-    # reference, Triton and CUDA take the flat pairs (the tile structure is checked on the
-    # way, on the payload's device)
+    # reference and Triton take the flat pairs (the tile structure is checked on the way,
+    # on the payload's device)
     numel = out.numel()
     if not len(offsets) == len(local) == len(values):
         raise ValueError(f"sparsefl.aggregate: {len(offsets)} offset tensors, {len(local)} "
@@ -139,9 +134,9 @@ def sparse_aggregate(payloads: Sequence, weights: Sequence[float], out: Tensor |
         raise ValueError("sparsefl.aggregate: give the size through numel=, out, base or "
                          f"SparseChunk payloads, consistently (got {sorted(sizes)})")
     n = sizes.pop()
-    if out is None:
-        out = torch.empty(n, dtype=torch.float32,
-                          device=base.device if base is not None else "cpu")
+    if out is None:  # on the data's device (base, else the first payload's values)
+        device = base.device if base is not None else (values[0].device if values else "cpu")
+        out = torch.empty(n, dtype=torch.float32, device=device)
     if out.dtype not in (torch.float32, torch.float64) or out.dim() != 1 \
             or not out.is_contiguous():
         raise ValueError("sparsefl.aggregate: out must be a contiguous 1-D float32 tensor "
