@@ -1,13 +1,17 @@
-"""Test set-up: the Triton interpreter must be switched on before triton is imported."""
+"""Test set-up: without a GPU the Triton interpreter is switched on (before triton is
+imported) so the Triton face runs on CPU tensors; with a GPU, Triton compiles for it and
+the GPU cases of tests/test_gpu_ops.py run."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import sparsefl  # noqa: E402,F401
 from sparsefl import _native  # noqa: E402
@@ -29,3 +33,17 @@ def cpu_backends() -> list:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def gpu_backends() -> list:
+    """The GPU faces, each as a pytest param: skipped with the reason where they cannot
+    run (no GPU here, a build without CUDA kernels, no triton)."""
+    have_gpu = torch.cuda.is_available()
+    no_gpu = "no CUDA device (torch.cuda.is_available() is False): GPU faces not run here"
+    cuda_why = no_gpu if not have_gpu else (
+        None if _native.has_cuda_kernels() else "this build has no CUDA kernels")
+    triton_why = no_gpu if not have_gpu else _backend.triton_error(torch.device("cuda"))
+    return [pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+                cuda_why is not None, reason=str(cuda_why))),
+            pytest.param("triton", id="triton-gpu", marks=pytest.mark.skipif(
+                triton_why is not None, reason=str(triton_why)))]

@@ -4,12 +4,16 @@ Order of precedence: the op's `backend=` argument, then the environment variable
 SPARSEFL_BACKEND, then "auto".  auto picks the fastest backend that exists for the
 tensors' device: cpp on CPU, cuda (else triton) on CUDA, reference otherwise.
 Asking for a backend that cannot run raises a ValueError/RuntimeError that says why:
-a silent fallback would make benchmark numbers lie.
+a silent fallback would make benchmark numbers lie.  One exception, with a warning: when
+the extension's CUDA kernels cannot run on the GPU at hand (built for other
+architectures: "no kernel image"), auto falls back to Triton, then to the reference, and
+says so once.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +45,37 @@ def triton_error(device: torch.device) -> str | None:
     return None
 
 
+_CUDA_IMAGE: dict[int, str | None] = {}  # device index -> why our kernels cannot run
+
+
+def _probe_cuda(device: torch.device) -> None:
+    """Launches the extension's aggregation kernels on one element: raises if this GPU
+    has no kernel image for them."""
+    out = torch.zeros(1, device=device)
+    idx = torch.zeros(1, dtype=torch.int64, device=device)
+    torch.ops.sparsefl_C.sparse_aggregate([idx], [torch.ones(1, device=device)], [1.0], out,
+                                          None, 1.0)
+    torch.cuda.synchronize(device)
+
+
+def cuda_image_error(device: torch.device) -> str | None:
+    """Why the extension's CUDA kernels cannot run on `device` (None if they can); probed
+    once per GPU."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_IMAGE:
+        try:
+            _probe_cuda(torch.device("cuda", index))
+            _CUDA_IMAGE[index] = None
+        except RuntimeError as exc:
+            _CUDA_IMAGE[index] = str(exc).strip().splitlines()[0] if str(exc) else repr(exc)
+            warnings.warn(
+                f"sparsefl: the CUDA kernels of this build cannot run on GPU {index} "
+                f"({_CUDA_IMAGE[index]}); backend auto falls back to Triton (else the "
+                "reference ops). Rebuild for this GPU, e.g. TORCH_CUDA_ARCH_LIST=\"9.0\" "
+                "pip install --no-build-isolation .", RuntimeWarning, stacklevel=3)
+    return _CUDA_IMAGE[index]
+
+
 def resolve(backend: str | None, tensors: Sequence[Tensor], *, native_op: str = "perturb",
             triton: bool = True) -> str:
     """The concrete backend that will run on these tensors.
@@ -56,7 +91,7 @@ def resolve(backend: str | None, tensors: Sequence[Tensor], *, native_op: str = 
         if device.type == "cpu":
             return "cpp" if _native.has_kernel(native_op, "cpu") else "reference"
         if device.type == "cuda":
-            if _native.has_kernel(native_op, "cuda"):
+            if _native.has_kernel(native_op, "cuda") and cuda_image_error(device) is None:
                 return "cuda"
             return "triton" if triton and triton_error(device) is None else "reference"
         return "reference"
@@ -71,6 +106,9 @@ def resolve(backend: str | None, tensors: Sequence[Tensor], *, native_op: str = 
         if not _native.has_kernel(native_op, "cuda"):
             raise RuntimeError(f"sparsefl: backend 'cuda' has no {native_op} kernel in this "
                                "build (torch without CUDA, no nvcc, or not written yet)")
+        why = cuda_image_error(device)
+        if why is not None:
+            raise RuntimeError(f"sparsefl: backend 'cuda' cannot run on this GPU: {why}")
     elif name == "triton":
         if not triton:
             raise RuntimeError(f"sparsefl: backend 'triton' has no {native_op} kernel yet")
