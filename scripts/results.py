@@ -41,7 +41,7 @@ AGNOSTIC = ["sgd-noise40", "sam-noise40", "agnostic_sam-noise40", "sgd-data10", 
             "agnostic_sam-data10"]
 # suite -> (start lrs, overrides of every sweep run, {swept config: configs using its lr})
 SWEEPS = {
-    "fmnist-lr": ([0.05, 0.1, 0.2, 0.5],
+    "fmnist-lr": ([0.05, 0.1, 0.2, 0.5, 1.0],
                   ["client.lr_schedule=exponential", "client.lr_end=0.01"],
                   {"fedavg": [], "topk-95": [], "sparsyfed-95": [], "flash-95": []}),
     "fmnist-resnet": ([0.05, 0.15, 0.5], [],
