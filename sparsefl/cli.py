@@ -61,7 +61,8 @@ def _bench(args: argparse.Namespace) -> int:
         if what == "sam":
             print(sam.run(rounds=args.rounds, device=args.device, backend=args.backend))
         else:
-            print(sparse.run(what, rounds=max(3, args.rounds // 3)))
+            print(sparse.run(what, rounds=max(3, args.rounds // 3), device=args.device,
+                             backend=args.backend))
         print()
     return 0
 

@@ -17,13 +17,14 @@ from sparsefl.bench.sam import make_tensors, resnet18_shapes
 from sparsefl.bench.timing import measure_interleaved
 
 
-def copy_workload(n: int) -> Workload:
-    src, dst = torch.randn(n), torch.empty(n)
+def copy_workload(n: int, device: str = "cpu") -> Workload:
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     return Workload("copy (x.copy_)", lambda: dst.copy_(src), 8 * n, None)
 
 
-def topk_workloads(seed: int = 0) -> tuple[list[Workload], int]:
-    xs = make_tensors(resnet18_shapes(), seed)
+def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = None
+                   ) -> tuple[list[Workload], int]:
+    xs = make_tensors(resnet18_shapes(), seed, device=device)
     n = sum(x.numel() for x in xs)
 
     def eager(density: float):
@@ -31,27 +32,30 @@ def topk_workloads(seed: int = 0) -> tuple[list[Workload], int]:
         thr = torch.topk(flat, ops.keep_count(n, density), sorted=False).values.min()
         return [x.abs() >= thr for x in xs]
 
-    out = [copy_workload(n)]
+    out = [copy_workload(n, device)]
     for d in (0.05, 0.01):
         out.append(Workload(f"top-k mask {d:.0%} eager (torch.topk)",
                             lambda d=d: eager(d), None, None))
-        out.append(Workload(f"top-k mask {d:.0%} fused", lambda d=d: ops.topk_mask(xs, d),
+        out.append(Workload(f"top-k mask {d:.0%} fused",
+                            lambda d=d: ops.topk_mask(xs, d, backend=backend),
                             17 * n, f"top-k mask {d:.0%} eager (torch.topk)"))
     return out, n
 
 
-def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.01))
+def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.01)),
+                        device: str = "cpu", backend: str | None = None
                         ) -> tuple[list[Workload], int]:
     n = sum(torch.Size(s).numel() for s in resnet18_shapes())
     g = torch.Generator().manual_seed(seed)
-    base, out = torch.randn(n), torch.empty(n)
-    work = [copy_workload(n)]
+    base, out = torch.randn(n, device=device), torch.empty(n, device=device)
+    work = [copy_workload(n, device)]
+    be = backend
     for C, d in cases:
         k = int(n * d)
-        pays = [(torch.sort(torch.randperm(n, generator=g)[:k]).values,
-                 torch.randn(k, generator=g)) for _ in range(C)]
+        pays = [(torch.sort(torch.randperm(n, generator=g)[:k]).values.to(device),
+                 torch.randn(k, generator=g).to(device)) for _ in range(C)]
         pays32 = [(i.int(), v) for i, v in pays]
-        tiled = [ops.tile_payload(i, v, n) for i, v in pays32]
+        tiled = [ops.tile_payload(i, v, n, backend=be) for i, v in pays32]
         w = [1.0 / C] * C
 
         def eager(pays=pays, w=w):
@@ -60,20 +64,23 @@ def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.0
         name = f"aggregate {C} clients x {d:.0%}"
         work.append(Workload(f"{name} eager (index_add_)", eager, None, None))
         work.append(Workload(f"{name} fused, int64 idx",
-                             lambda p=pays, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             lambda p=pays, w=w: ops.sparse_aggregate(p, w, out=out, base=base,
+                                                                      backend=be),
                              C * k * 12 + 8 * n, f"{name} eager (index_add_)"))
         work.append(Workload(f"{name} fused, int32 idx",
-                             lambda p=pays32, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             lambda p=pays32, w=w: ops.sparse_aggregate(p, w, out=out,
+                                                                        base=base, backend=be),
                              C * k * 8 + 8 * n, f"{name} eager (index_add_)"))
         # the layout the engine hands the merge (ops.tile_payload, made at decode time)
         work.append(Workload(f"{name} fused, tiled int16 idx",
-                             lambda p=tiled, w=w: ops.sparse_aggregate(p, w, out=out, base=base),
+                             lambda p=tiled, w=w: ops.sparse_aggregate(p, w, out=out, base=base,
+                                                                       backend=be),
                              C * k * 6 + 8 * n, f"{name} eager (index_add_)"))
         # the same, with the tiling of the int64 payloads counted as aggregation work
         work.append(Workload(f"{name} tile_payload + fused",
                              lambda p=pays, w=w: ops.sparse_aggregate(
-                                 [ops.tile_payload(i, v, n) for i, v in p], w, out=out,
-                                 base=base),
+                                 [ops.tile_payload(i, v, n, backend=be) for i, v in p], w,
+                                 out=out, base=base, backend=be),
                              None, f"{name} eager (index_add_)"))
     return work, n
 
@@ -104,11 +111,12 @@ def codec_table(seed: int = 0) -> str:
     return f"dense fp32: {dense:,} bytes ({n:,} params)\n\n" + "\n".join(rows)
 
 
-def run(what: str, rounds: int = 10) -> str:
+def run(what: str, rounds: int = 10, device: str = "cpu", backend: str | None = None) -> str:
     if what == "codec":
         return codec_table()
-    workloads, n = topk_workloads() if what == "topk" else aggregate_workloads()
+    workloads, n = (topk_workloads(device=device, backend=backend) if what == "topk" else
+                    aggregate_workloads(device=device, backend=backend))
     results = measure_interleaved({w.name: w.fn for w in workloads}, rounds=rounds, warmup=1)
-    head = (f"{what}, ResNet-18 shapes ({n:,} params), threads={torch.get_num_threads()}, "
-            f"{rounds} rounds, interleaved\n\n")
+    head = (f"{what}, ResNet-18 shapes ({n:,} params), device={device}, "
+            f"threads={torch.get_num_threads()}, {rounds} rounds, interleaved\n\n")
     return head + report(results, workloads, n, "copy (x.copy_)")
