@@ -31,9 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-FMNIST = ["fedavg", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99", "sparsyfed-90",
-         "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft", "flash-95",
-         "sparsyfed-95-global", "sparsyfed-95-noact", "fedbabu-lr05", "fedavg-ft-lr05"]
+FMNIST = ["fedavg", "fedavg-exp", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99",
+          "sparsyfed-90", "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft",
+          "flash-95", "sparsyfed-95-global", "sparsyfed-95-noact", "fedbabu-lr05",
+          "fedavg-ft-lr05"]
 
 
 DECENTRALIZED = ["diffusion", "consensus", "centralized"]
@@ -177,7 +178,8 @@ def tables(out: Path, seeds: list[int]) -> str:
            if (out / f"fedasam-swa-seed{s}" / "summary.json").is_file()]
     parts.append(f"\nSWA model (FedASAM+SWA), final accuracy: {_ms(swa)} %\n")
     parts += ["### Sparsity: SparsyFed vs Top-K vs FLASH vs dense", head]
-    parts += [line(n) for n in ("fedavg", "sparsyfed-90", "topk-90", "sparsyfed-95", "topk-95",
+    parts += [line(n) for n in ("fedavg", "fedavg-exp", "sparsyfed-90", "topk-90",
+                                "sparsyfed-95", "topk-95",
                                 "flash-95", "sparsyfed-95-global", "sparsyfed-95-noact",
                                 "sparsyfed-99", "topk-99")]
     parts += ["", "### Personalisation: FedBABU vs FedAvg + fine-tuning",
@@ -285,6 +287,76 @@ def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def plots_sweep(suite: str, out: Path, seeds: list[int]) -> list[Path]:
+    """accuracy.png: test accuracy per round of every family member at its best lr (mean
+    over seeds, band = min..max), to show where the curves flatten; layer_density.png:
+    the final global model's density per prunable layer for the sparse runs (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs, sets, families = SWEEPS[suite]
+    members = [(m, best_lr(out, suite, stem, seeds[0])) for stem, ms in families.items()
+               for m in ms]
+    members = [(m, lr) for m, lr in members if lr is not None]
+    if not members:
+        return []
+
+    def metrics(run: str) -> list[dict]:
+        f = out / run / "metrics.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, lr in sorted(members):
+        curves = [[(r["round"], r["acc"]) for r in metrics(f"{m}-lr{lr:g}-seed{s}")
+                   if "acc" in r] for s in seeds]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][i][0] for i in range(n)]
+        ys = [[c[i][1] for c in curves] for i in range(n)]
+        mean = [statistics.fmean(v) for v in ys]
+        line, = ax.plot(xs, mean, label=f"{m} (lr {lr:g}, {len(curves)} seeds)",
+                        ls="--" if m.startswith("topk") else "-")
+        ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], alpha=0.15,
+                        color=line.get_color())
+    ax.set(xlabel="round", ylabel="test accuracy", title=f"{suite}: accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "accuracy.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    sparse = [(m, lr) for m, lr in sorted(members) if not m.startswith("fedavg")]
+    finals = {}
+    for m, lr in sparse:
+        rows = [r for r in metrics(f"{m}-lr{lr:g}-seed{seeds[0]}") if "layer_sparsity" in r]
+        if rows:
+            finals[m] = rows[-1]["layer_sparsity"]
+    if finals:
+        layers = list(next(iter(finals.values())))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / len(finals)
+        for i, (m, sp) in enumerate(finals.items()):
+            ax.bar([j + i * width for j in range(len(layers))],
+                   [1 - sp[name] for name in layers], width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+        ax.set_xticklabels([name.removesuffix(".weight") for name in layers], rotation=70,
+                           fontsize=7)
+        ax.set(ylabel="density (non-zero fraction)", yscale="log",
+               title=f"{suite}: per-layer density of the final global model (seed "
+                     f"{seeds[0]})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "layer_density.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -305,6 +377,8 @@ def main() -> int:
         text = tables_sweep(args.suite, out, args.seeds)
         (out / "tables.md").write_text(text)
         print(text)
+        for path in plots_sweep(args.suite, out, args.seeds):
+            print(f"plot: {path}")
         return 0
     root = cfgs / args.suite
     order = {"fmnist": FMNIST, "decentralized": DECENTRALIZED, "agnostic": AGNOSTIC}[args.suite]
