@@ -37,6 +37,11 @@ both sides know (SparsyFed: a client's support lies inside the global model's su
 so a bitmask over that support costs ref_nnz/8 bytes).  Decoding checks every field,
 size, range, order, the checksum and non-finite values (policy: `nonfinite="raise"` by
 default, or "allow"), and raises PayloadError (a ValueError) with a precise message.
+
+Backends: the C++ codec (csrc/cpu/codec.cpp; `backend="auto"` when the extension is
+loaded) writes the same bytes as this module's numpy encoder, bit for bit, and its
+decoder makes the same checks; `backend="reference"` is the numpy code (the definition
+the C++ face is tested against).  SPARSEFL_BACKEND applies as for the ops.
 """
 
 from __future__ import annotations
@@ -205,20 +210,39 @@ def _index_sections(chunk: SparseChunk, ref: Tensor | None) -> dict[int, bytes]:
     options[DELTA_VARINT] = _varint_encode(gaps)
     if k:
         options[RICE] = _rice_best(gaps)
-    bits = np.zeros(n, dtype=bool)
-    bits[idx] = True
     if n <= 64 * max(k, 1) or n < 4096:  # a bitmask can only win at densities >= ~1/64
+        bits = np.zeros(n, dtype=bool)
+        bits[idx] = True
         options[BITMASK] = np.packbits(bits, bitorder="little").tobytes()
     if ref is not None:
         ref_np = ref.cpu().numpy().astype(np.int64)
-        inside = bits[ref_np]
+        pos = np.searchsorted(idx, ref_np)  # which reference positions hold an index
+        inside = ((pos < k) & (idx[np.minimum(pos, max(k - 1, 0))] == ref_np) if k
+                  else np.zeros(ref_np.size, dtype=bool))
         if int(inside.sum()) == k:  # the support is a subset of the reference
             options[REFERENCE_BITMASK] = np.packbits(inside, bitorder="little").tobytes()
     return options
 
 
+def _native(backend: str | None) -> bool:
+    """Whether the C++ codec runs: auto/cpp with the extension loaded (cpp without it
+    raises); any other backend name means the numpy reference."""
+    import os
+
+    from sparsefl import _native as native
+
+    name = backend if backend is not None else os.environ.get("SPARSEFL_BACKEND", "auto")
+    if name not in ("auto", "cpp", "cuda", "triton", "reference"):
+        raise ValueError(f"sparsefl.codec: unknown backend {name!r}")
+    have = native.has_kernel("codec_decode", "cpu")
+    if name == "cpp" and not have:
+        raise RuntimeError(f"sparsefl.codec: backend 'cpp' unavailable: {native.LOAD_ERROR}")
+    return have and name in ("auto", "cpp")
+
+
 def encode(chunks: Sequence[SparseChunk], value_dtype: torch.dtype = torch.float32,
-           reference: Sequence[Tensor | None] | None = None) -> bytes:
+           reference: Sequence[Tensor | None] | None = None, *,
+           backend: str | None = None) -> bytes:
     """Bytes of a payload; per tensor the smallest index encoding is chosen.
 
     reference: optional per-chunk support (int64 ascending indices) that the decoder
@@ -228,6 +252,14 @@ def encode(chunks: Sequence[SparseChunk], value_dtype: torch.dtype = torch.float
         raise ValueError(f"value_dtype must be one of {list(VALUE_CODES)}, got {value_dtype}")
     if reference is not None and len(reference) != len(chunks):
         raise ValueError(f"reference has {len(reference)} entries for {len(chunks)} chunks")
+    if chunks and _native(backend):
+        body = torch.ops.sparsefl_C.codec_encode_body(
+            [c.indices for c in chunks], [c.values for c in chunks], [c.numel for c in chunks],
+            list(reference) if reference is not None else [None] * len(chunks),
+            VALUE_CODES[value_dtype])
+        buf = body.numpy()  # header + body + a 4-byte slot for the checksum
+        buf[-4:] = np.frombuffer(CRC.pack(zlib.crc32(buf[:-4])), dtype=np.uint8)
+        return buf.tobytes()
     body = bytearray()
     for i, c in enumerate(chunks):
         _check_chunk(c, i)
@@ -261,8 +293,8 @@ def _check_chunk(c: SparseChunk, i: int) -> None:
 # ----------------------------------------------------------------- decode --------------
 
 def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor | None] | None
-           = None, nonfinite: str = "raise", max_bytes: int = DEFAULT_MAX_BYTES
-           ) -> list[SparseChunk]:
+           = None, nonfinite: str = "raise", max_bytes: int = DEFAULT_MAX_BYTES,
+           backend: str | None = None) -> list[SparseChunk]:
     """Chunks of a payload; raises PayloadError on anything malformed."""
     if nonfinite not in ("raise", "allow"):
         raise ValueError(f"nonfinite must be 'raise' or 'allow', got {nonfinite!r}")
@@ -291,6 +323,14 @@ def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor |
         raise PayloadError("checksum mismatch: the payload was corrupted or truncated")
     if reference is not None and len(reference) != n_tensors:
         raise PayloadError(f"payload has {n_tensors} tensors, reference has {len(reference)}")
+    if _native(backend):  # the header and checksum are checked above, the rest in C++
+        try:
+            idxs, vals, numels = torch.ops.sparsefl_C.codec_decode(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                list(reference) if reference is not None else [], nonfinite == "allow")
+        except (ValueError, RuntimeError) as e:
+            raise PayloadError(str(e).split("\n")[0]) from None
+        return [SparseChunk(n, i, v) for n, i, v in zip(numels, idxs, vals)]
     vdtype = VALUE_DTYPES[dt]
     vsize = torch.empty(0, dtype=vdtype).element_size()
     end = len(data) - CRC.size
