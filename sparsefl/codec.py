@@ -292,10 +292,8 @@ def _check_chunk(c: SparseChunk, i: int) -> None:
 
 # ----------------------------------------------------------------- decode --------------
 
-def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor | None] | None
-           = None, nonfinite: str = "raise", max_bytes: int = DEFAULT_MAX_BYTES,
-           backend: str | None = None) -> list[SparseChunk]:
-    """Chunks of a payload; raises PayloadError on anything malformed."""
+def _check_header(data, reference, nonfinite: str, max_bytes: int) -> tuple[bytes, int, int]:
+    """Type, size, header fields and checksum of a payload: (bytes, n_tensors, dtype code)."""
     if nonfinite not in ("raise", "allow"):
         raise ValueError(f"nonfinite must be 'raise' or 'allow', got {nonfinite!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -323,6 +321,14 @@ def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor |
         raise PayloadError("checksum mismatch: the payload was corrupted or truncated")
     if reference is not None and len(reference) != n_tensors:
         raise PayloadError(f"payload has {n_tensors} tensors, reference has {len(reference)}")
+    return data, n_tensors, dt
+
+
+def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor | None] | None
+           = None, nonfinite: str = "raise", max_bytes: int = DEFAULT_MAX_BYTES,
+           backend: str | None = None) -> list[SparseChunk]:
+    """Chunks of a payload; raises PayloadError on anything malformed."""
+    data, n_tensors, dt = _check_header(data, reference, nonfinite, max_bytes)
     if _native(backend):  # the header and checksum are checked above, the rest in C++
         try:
             idxs, vals, numels = torch.ops.sparsefl_C.codec_decode(
@@ -371,6 +377,39 @@ def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor |
     if pos != end:
         raise PayloadError(f"{end - pos} unexpected bytes after the last tensor")
     return chunks
+
+
+def decode_tiled(data: bytes | bytearray | memoryview, starts: Sequence[int],
+                 numels: Sequence[int], numel: int, *,
+                 reference: Sequence[Tensor | None] | None = None, nonfinite: str = "raise",
+                 max_bytes: int = DEFAULT_MAX_BYTES, backend: str | None = None):
+    """A payload straight into the tiled layout the server's merge reads
+    (`ops.TiledPayload` over a flat space of `numel` elements, tensor t placed at
+    `starts[t]`, expected to hold `numels[t]` elements): the C++ decoder writes the int16
+    tile offsets itself; the reference decodes, then tiles.  Values keep the payload's
+    dtype.  Raises PayloadError like decode()."""
+    from sparsefl.ops.tiled import TiledPayload, tile_payload
+
+    if _native(backend):
+        data, _, _ = _check_header(data, reference, nonfinite, max_bytes)
+        try:
+            offsets, local, values = torch.ops.sparsefl_C.codec_decode_tiled(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                list(reference) if reference is not None else [], nonfinite == "allow",
+                list(starts), list(numels), numel)
+        except (ValueError, RuntimeError) as e:
+            raise PayloadError(str(e).split("\n")[0]) from None
+        return TiledPayload(offsets, local, values, numel)
+    chunks = decode(data, reference=reference, nonfinite=nonfinite, max_bytes=max_bytes,
+                    backend="reference")
+    if [c.numel for c in chunks] != list(numels):
+        raise PayloadError(f"payload does not match the model layout ({len(chunks)} tensors, "
+                           f"expected {len(numels)})")
+    if not chunks:
+        return tile_payload(torch.empty(0, dtype=torch.int64), torch.empty(0), numel,
+                            backend="reference")
+    return tile_payload([c.indices for c in chunks], [c.values for c in chunks], numel,
+                        starts=list(starts), backend="reference")
 
 
 def _decode_indices(section: bytes, enc: int, numel: int, nnz: int, ref: Tensor | None,

@@ -127,3 +127,69 @@ def test_encoder_refuses_bad_chunks_like_the_reference():
         for be in ("reference", "cpp"):
             with pytest.raises(ValueError, match=match):
                 codec.encode([bad], backend=be)
+
+
+def _layout(sizes: list[int], gap: int = 0) -> tuple[list[int], int]:
+    starts, pos = [], 0
+    for n in sizes:
+        starts.append(pos)
+        pos += n + gap
+    return starts, pos
+
+
+@pytest.mark.parametrize("gap", [0, 5000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiled_decode_is_the_reference_tiling(gap, dtype):
+    g = torch.Generator().manual_seed(11)
+    sizes = [4096, 1, 0, 9000, 70_001, 3, 12_288, 500_000]
+    for density in (0.0, 0.001, 0.05, 0.5, 1.0):
+        chunks = [random_chunk(n, density, int(torch.randint(0, 99, (1,), generator=g)), dtype)
+                  for n in sizes]
+        blob = codec.encode(chunks, dtype)
+        starts, numel = _layout(sizes, gap)
+        got = codec.decode_tiled(blob, starts, sizes, numel, backend="cpp")
+        want = codec.decode_tiled(blob, starts, sizes, numel, backend="reference")
+        assert torch.equal(got.offsets, want.offsets)
+        assert torch.equal(got.local, want.local)
+        assert torch.equal(got.values, want.values) and got.numel == want.numel == numel
+
+
+def test_tiled_decode_refuses_what_decode_refuses():
+    chunks = [random_chunk(5000, 0.1, 1), random_chunk(300, 0.5, 2)]
+    blob = codec.encode(chunks)
+    starts, numel = _layout([5000, 300])
+    for be in ("reference", "cpp"):
+        with pytest.raises(PayloadError, match="layout"):
+            codec.decode_tiled(blob, starts, [5000, 301], numel, backend=be)
+        with pytest.raises(PayloadError, match="checksum"):
+            codec.decode_tiled(blob[:-1] + bytes([blob[-1] ^ 1]), starts, [5000, 300], numel,
+                               backend=be)
+    with pytest.raises(PayloadError, match="not inside"):
+        codec.decode_tiled(blob, [0, 4000], [5000, 300], numel, backend="cpp")
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(malformed())
+def test_fuzzed_tiled_decode_same_verdict(case):
+    blob, _ = case
+    if len(blob) >= 28:
+        blob = blob[:-4] + struct.pack("<I", zlib.crc32(blob[:-4]))
+    try:
+        n = struct.unpack_from("<I", blob, 8)[0]
+    except struct.error:
+        n = 0
+    try:
+        numels = [c.numel for c in codec.decode(blob, backend="reference")]
+    except PayloadError:
+        numels = [10] * min(n, 4)
+    starts, numel = _layout(numels)
+    verdicts = []
+    for be in ("reference", "cpp"):
+        try:
+            verdicts.append(codec.decode_tiled(blob, starts, numels, numel, backend=be))
+        except PayloadError:
+            verdicts.append(None)
+    assert (verdicts[0] is None) == (verdicts[1] is None)
+    if verdicts[0] is not None:
+        assert torch.equal(verdicts[0].offsets, verdicts[1].offsets)
+        assert torch.equal(verdicts[0].local, verdicts[1].local)

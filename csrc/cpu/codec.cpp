@@ -428,8 +428,20 @@ at::Tensor decode_indices(const uint8_t* s, int64_t len, int enc, int64_t numel,
   return out;  // varint/Rice: guarded sums; bitmasks: set bits in order -- ascending
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> codec_decode(
-    const at::Tensor& data, c10::List<c10::optional<at::Tensor>> reference, bool allow_nonfinite) {
+struct Rec {
+  int64_t numel, nnz, section, len, values;
+  int enc;
+};
+
+struct Parsed {
+  const uint8_t* p;
+  std::vector<Rec> recs;
+  at::ScalarType vt;
+  int64_t vsize;
+};
+
+// Header and records, in order: every field checked before it is used.
+Parsed parse(const at::Tensor& data, const c10::List<c10::optional<at::Tensor>>& reference) {
   TORCH_CHECK_VALUE(data.scalar_type() == at::kByte && data.dim() == 1 && data.is_contiguous() &&
                         data.device().is_cpu(),
                     "codec: the payload must be a contiguous 1-D uint8 CPU tensor");
@@ -437,28 +449,23 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
   const int64_t size = data.numel();
   if (size < kHeader + 4) bad("payload", "shorter than header + checksum");
   if (std::memcmp(p, "SFLP", 4) != 0) bad("payload", "bad magic");
-  if (get<uint16_t>(p + 4) != 1) bad("payload", "unsupported payload version " + std::to_string(get<uint16_t>(p + 4)));
+  if (get<uint16_t>(p + 4) != 1)
+    bad("payload", "unsupported payload version " + std::to_string(get<uint16_t>(p + 4)));
   if (get<uint16_t>(p + 6) != 0 || p[13] || p[14] || p[15]) bad("payload", "reserved header bits are set");
   const uint32_t T = get<uint32_t>(p + 8);
   const int dt = p[12];
   if (dt > 2) bad("payload", "unknown value dtype code " + std::to_string(dt));
   const uint64_t body = get<uint64_t>(p + 16);
   if (body != static_cast<uint64_t>(size - kHeader - 4))
-    bad("payload", "header says the body has " + std::to_string(body) + " bytes, the payload holds " +
-                       std::to_string(size - kHeader - 4));
+    bad("payload", "header says the body has " + std::to_string(body) +
+                       " bytes, the payload holds " + std::to_string(size - kHeader - 4));
   if (reference.size() && reference.size() != T)
     bad("payload", "payload has " + std::to_string(T) + " tensors, reference has " +
                        std::to_string(reference.size()));
-  const at::ScalarType vt = value_type(dt);
-  const int64_t vsize = dt == 0 ? 4 : 2;
+  Parsed out{p, {}, value_type(dt), dt == 0 ? 4 : 2};
   const int64_t end = size - 4;
-  struct Rec {
-    int64_t numel, nnz, section, len, values;
-    int enc;
-  };
-  std::vector<Rec> recs;
   int64_t pos = kHeader;
-  for (uint32_t t = 0; t < T; ++t) {  // the records, in order: every field before its use
+  for (uint32_t t = 0; t < T; ++t) {
     const std::string where = "tensor " + std::to_string(t);
     if (pos + kRecord > end) bad(where, "record header runs past the end of the payload");
     const uint64_t numel = get<uint64_t>(p + pos), nnz = get<uint64_t>(p + pos + 8);
@@ -467,48 +474,136 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t
     const int64_t idx_len = get<uint32_t>(p + pos + 20);
     pos += kRecord;
     if (numel >= kMaxNumel) bad(where, "numel " + std::to_string(numel) + " exceeds 2^40");
-    if (nnz > numel) bad(where, std::to_string(nnz) + " entries for " + std::to_string(numel) + " elements");
+    if (nnz > numel)
+      bad(where, std::to_string(nnz) + " entries for " + std::to_string(numel) + " elements");
     if (pad) bad(where, "reserved record bytes are set");
     if (enc > 5) bad(where, "unknown index encoding " + std::to_string(enc));
-    if (pos + idx_len + static_cast<int64_t>(nnz) * vsize > end)
+    if (pos + idx_len + static_cast<int64_t>(nnz) * out.vsize > end)
       bad(where, "index and value sections run past the end");
     if (enc == kRef && !(reference.size() && reference.get(t).has_value()))
       bad(where, "encoded against a reference support, but no reference was given to decode()");
-    recs.push_back({static_cast<int64_t>(numel), static_cast<int64_t>(nnz), pos, idx_len,
-                    pos + idx_len, enc});
-    pos += idx_len + static_cast<int64_t>(nnz) * vsize;
+    out.recs.push_back({static_cast<int64_t>(numel), static_cast<int64_t>(nnz), pos, idx_len,
+                        pos + idx_len, enc});
+    pos += idx_len + static_cast<int64_t>(nnz) * out.vsize;
   }
-  if (pos != end) bad("payload", std::to_string(end - pos) + " unexpected bytes after the last tensor");
-  // the sections, tensors in parallel (all structural bounds are known to hold)
+  if (pos != end)
+    bad("payload", std::to_string(end - pos) + " unexpected bytes after the last tensor");
+  return out;
+}
+
+void check_finite(const uint8_t* v, int64_t n, at::ScalarType vt, const std::string& where) {
+  bool finite = true;
+  if (vt == at::kFloat) {
+    for (int64_t i = 0; i < n; ++i) {
+      float x;
+      std::memcpy(&x, v + 4 * i, 4);
+      finite &= std::isfinite(x);
+    }
+  } else {  // half/bfloat16: the exponent field all ones is inf or NaN
+    const uint16_t e = vt == at::kHalf ? 0x7c00 : 0x7f80;
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t x;
+      std::memcpy(&x, v + 2 * i, 2);
+      finite &= (x & e) != e;
+    }
+  }
+  if (!finite) bad(where, "non-finite values (policy nonfinite='raise')");
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>> codec_decode(
+    const at::Tensor& data, c10::List<c10::optional<at::Tensor>> reference, bool allow_nonfinite) {
+  const Parsed ps = parse(data, reference);
+  const int64_t T = static_cast<int64_t>(ps.recs.size());
   std::vector<at::Tensor> idxs(T), vals(T);
   std::vector<int64_t> numels(T);
-  std::vector<c10::optional<at::Tensor>> refs(T);
-  for (uint32_t t = 0; t < T; ++t)
-    if (recs[t].enc == kRef) refs[t] = reference.get(t);
-  at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {  // tensors in parallel
     for (int64_t t = lo; t < hi; ++t) {
-      const Rec& r = recs[t];
+      const Rec& r = ps.recs[t];
       const std::string where = "tensor " + std::to_string(t);
-      idxs[t] = decode_indices(p + r.section, r.len, r.enc, r.numel, r.nnz, refs[t], where);
-      at::Tensor v = at::empty({r.nnz}, vt);
-      if (r.nnz) std::memcpy(v.data_ptr(), p + r.values, r.nnz * vsize);
-      if (!allow_nonfinite && r.nnz) {
-        bool finite = true;
-        if (vt == at::kFloat) {
-          const float* x = v.data_ptr<float>();
-          for (int64_t i = 0; i < r.nnz; ++i) finite &= std::isfinite(x[i]);
-        } else {  // half/bfloat16: the exponent field all ones is inf or NaN
-          const uint16_t* x = static_cast<const uint16_t*>(v.data_ptr());
-          const uint16_t e = vt == at::kHalf ? 0x7c00 : 0x7f80;
-          for (int64_t i = 0; i < r.nnz; ++i) finite &= (x[i] & e) != e;
-        }
-        if (!finite) bad(where, "non-finite values (policy nonfinite='raise')");
-      }
+      c10::optional<at::Tensor> ref;
+      if (r.enc == kRef) ref = reference.get(t);
+      idxs[t] = decode_indices(ps.p + r.section, r.len, r.enc, r.numel, r.nnz, ref, where);
+      if (!allow_nonfinite) check_finite(ps.p + r.values, r.nnz, ps.vt, where);
+      at::Tensor v = at::empty({r.nnz}, ps.vt);
+      if (r.nnz) std::memcpy(v.data_ptr(), ps.p + r.values, r.nnz * ps.vsize);
       vals[t] = v;
       numels[t] = r.numel;
     }
   });
   return {idxs, vals, numels};
+}
+
+// The payload straight into the tiled layout the server's merge reads
+// (sparsefl/ops/tiled.py): tensor t's entries land at flat index starts[t] + i, as
+// offsets of their 4096-element tile (int16) plus each tile's first entry (int32), values
+// concatenated.  Tile starts inside a tensor are found while its entries are cut (tensors
+// in parallel; their tiles do not overlap), those between tensors afterwards.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> codec_decode_tiled(
+    const at::Tensor& data, c10::List<c10::optional<at::Tensor>> reference, bool allow_nonfinite,
+    at::IntArrayRef starts, at::IntArrayRef numels, int64_t numel) {
+  constexpr int64_t kTileBits = 12;
+  const Parsed ps = parse(data, reference);
+  const int64_t T = static_cast<int64_t>(ps.recs.size());
+  if (static_cast<int64_t>(starts.size()) != T || static_cast<int64_t>(numels.size()) != T)
+    bad("payload", "payload does not match the model layout (" + std::to_string(T) +
+                       " tensors, expected " + std::to_string(numels.size()) + ")");
+  for (int64_t t = 0; t < T; ++t)
+    if (ps.recs[t].numel != numels[t])
+      bad("payload", "payload does not match the model layout (tensor " + std::to_string(t) +
+                         " has " + std::to_string(ps.recs[t].numel) + " elements, expected " +
+                         std::to_string(numels[t]) + ")");
+  std::vector<int64_t> at_(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t lo = starts[t], hi = lo + ps.recs[t].numel;
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= numel && (t == 0 || lo >= starts[t - 1] + ps.recs[t - 1].numel),
+                      "codec: tensor ", t, " at [", lo, ", ", hi, ") is not inside [0, ", numel,
+                      ") after the tensor before it");
+    at_[t + 1] = at_[t] + ps.recs[t].nnz;
+  }
+  TORCH_CHECK_VALUE(at_[T] < (int64_t{1} << 31) - 1, "codec: a tiled payload holds fewer than 2^31 entries");
+  const int64_t tiles = (numel + (1 << kTileBits) - 1) >> kTileBits;
+  at::Tensor offsets = at::empty({tiles + 1}, at::kInt);
+  at::Tensor local = at::empty({at_[T]}, at::kShort);
+  at::Tensor values = at::empty({at_[T]}, ps.vt);
+  int32_t* off = offsets.data_ptr<int32_t>();
+  int16_t* loc = local.data_ptr<int16_t>();
+  auto* val = static_cast<uint8_t*>(values.data_ptr());
+  std::vector<int64_t> first(T, -1), last(T, -1);  // flat index of each tensor's ends
+  at::parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const Rec& r = ps.recs[t];
+      const std::string where = "tensor " + std::to_string(t);
+      c10::optional<at::Tensor> ref;
+      if (r.enc == kRef) ref = reference.get(t);
+      const at::Tensor idx = decode_indices(ps.p + r.section, r.len, r.enc, r.numel, r.nnz, ref, where);
+      if (!allow_nonfinite) check_finite(ps.p + r.values, r.nnz, ps.vt, where);
+      if (r.nnz) std::memcpy(val + at_[t] * ps.vsize, ps.p + r.values, r.nnz * ps.vsize);
+      const int64_t* ix = idx.data_ptr<int64_t>();
+      int64_t prev_tile = -1;
+      for (int64_t i = 0; i < r.nnz; ++i) {
+        const int64_t j = starts[t] + ix[i];
+        loc[at_[t] + i] = static_cast<int16_t>(j & ((1 << kTileBits) - 1));
+        const int64_t tile = j >> kTileBits;
+        if (i > 0)  // tiles that start between this entry and the one before it
+          for (int64_t q = prev_tile + 1; q <= tile; ++q) off[q] = static_cast<int32_t>(at_[t] + i);
+        prev_tile = tile;
+      }
+      if (r.nnz) {
+        first[t] = starts[t] + ix[0];
+        last[t] = starts[t] + ix[r.nnz - 1];
+      }
+    }
+  });
+  // tiles before each tensor's first entry (back to the previous entry) and after the end
+  int64_t prev_tile = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    if (first[t] < 0) continue;
+    for (int64_t q = prev_tile + 1; q <= (first[t] >> kTileBits); ++q)
+      off[q] = static_cast<int32_t>(at_[t]);
+    prev_tile = last[t] >> kTileBits;
+  }
+  for (int64_t q = prev_tile + 1; q <= tiles; ++q) off[q] = static_cast<int32_t>(at_[T]);
+  return {offsets, local, values};
 }
 
 }  // namespace
@@ -518,11 +613,14 @@ TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
         "int value_code) -> Tensor");
   m.def("codec_decode(Tensor data, Tensor?[] reference, bool allow_nonfinite) "
         "-> (Tensor[], Tensor[], int[])");
+  m.def("codec_decode_tiled(Tensor data, Tensor?[] reference, bool allow_nonfinite, "
+        "int[] starts, int[] numels, int numel) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
   m.impl("codec_encode_body", &codec_encode_body);
   m.impl("codec_decode", &codec_decode);
+  m.impl("codec_decode_tiled", &codec_decode_tiled);
 }
 
 }  // namespace sparsefl

@@ -108,7 +108,42 @@ def codec_table(seed: int = 0) -> str:
             size = len(codec.encode(chunks, dt))
             rows.append(f"| {sparsity:.0%} | {str(dt).split('.')[-1]} | {size:,} | "
                         f"{size / n:.4f} | {dense / size:.1f} |")
-    return f"dense fp32: {dense:,} bytes ({n:,} params)\n\n" + "\n".join(rows)
+    return (f"dense fp32: {dense:,} bytes ({n:,} params)\n\n" + "\n".join(rows) + "\n\n"
+            + codec_timing(xs))
+
+
+def codec_timing(xs: list[torch.Tensor], density: float = 0.05, rounds: int = 15) -> str:
+    """Encode/decode of one ResNet-18 update at `density` with fp16 values, the C++ codec
+    against the numpy reference, in units of one dense fp32 copy of the model (same
+    process, interleaved)."""
+    numels = [x.numel() for x in xs]
+    n = sum(numels)
+    idx, val = ops.topk_compress(xs, density)
+    chunks = codec.split_flat(idx, val, numels)
+    blob = codec.encode(chunks, torch.float16)
+    starts = [0, *torch.tensor(numels).cumsum(0)[:-1].tolist()]
+    src, dst = torch.randn(n), torch.empty(n)
+    fns = {
+        "dense fp32 copy of the model": lambda: dst.copy_(src),
+        "encode, reference (numpy)": lambda: codec.encode(chunks, torch.float16,
+                                                          backend="reference"),
+        "encode, C++": lambda: codec.encode(chunks, torch.float16, backend="cpp"),
+        "decode, reference (numpy)": lambda: codec.decode(blob, backend="reference"),
+        "decode, C++": lambda: codec.decode(blob, backend="cpp"),
+        "decode to the tiled layout, reference": lambda: codec.decode_tiled(
+            blob, starts, numels, n, backend="reference"),
+        "decode to the tiled layout, C++": lambda: codec.decode_tiled(
+            blob, starts, numels, n, backend="cpp"),
+    }
+    res = measure_interleaved(fns, rounds=rounds, warmup=2)
+    copy = res["dense fp32 copy of the model"].median_s
+    rows = [f"payload: {len(blob):,} bytes ({density:.0%} of {n:,} params, fp16 values, "
+            f"{len(numels)} tensors); {rounds} interleaved rounds, "
+            f"threads={torch.get_num_threads()}", "",
+            "| operation | median ms | x one dense fp32 copy |", "|---|---:|---:|"]
+    for name, t in res.items():
+        rows.append(f"| {name} | {t.median_s * 1e3:.2f} | {t.median_s / copy:.2f} |")
+    return "\n".join(rows)
 
 
 def run(what: str, rounds: int = 10, device: str = "cpu", backend: str | None = None) -> str:

@@ -50,6 +50,7 @@ from sparsefl.models.init import apply_init
 from sparsefl.nn import layer_sparsity, set_compute
 from sparsefl.nn.powerprop import POWERPROP
 from sparsefl.nn.sparse_compute import compute_summary
+from sparsefl.ops.tiled import untile
 
 log = logging.getLogger("sparsefl")
 FAULTS = ("raised", "timeout", "undecodable", "nonfinite", "norm")
@@ -234,17 +235,18 @@ class Simulation:
             return up, None, "timeout"
         with timers("decode"):
             try:
-                chunks = wire.decode(layout, up.payload, reference=down_ref, nonfinite="allow")
+                payload = wire.decode_tiled(layout, up.payload, reference=down_ref,
+                                            nonfinite="allow")
             except codec.PayloadError as e:
                 log.warning("round %d: client %d sent an undecodable payload (%s); dropped",
                             rnd, cid, e)
                 return up, None, "undecodable"
-            payload = wire.to_tiled(layout, chunks)
         if not bool(torch.isfinite(payload.values).all()):
             log.warning("round %d: client %d sent non-finite values; dropped", rnd, cid)
             return up, None, "nonfinite"
         if cfg.max_update_norm:
-            idx, val = wire.to_flat_pair(layout, chunks)
+            idx, val = untile(payload)
+            val = val.float()
             delta = layout.zeros().index_copy_(0, idx.to(received.device),
                                                val.to(received.device)) - received
             norm = float(delta.norm())

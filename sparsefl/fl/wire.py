@@ -74,6 +74,16 @@ def decode(layout: Layout, data: bytes, reference: Sequence[Tensor | None] | Non
     return chunks
 
 
+def decode_tiled(layout: Layout, data: bytes,
+                 reference: Sequence[Tensor | None] | None = None,
+                 nonfinite: str = "raise") -> ops.TiledPayload:
+    """A payload decoded straight into the tiled layout of the flat space (the C++
+    decoder writes the merge's int16 tile offsets itself); PayloadError as decode()."""
+    return codec.decode_tiled(data, [e.offset for e in layout.entries],
+                              [e.numel for e in layout.entries], layout.numel,
+                              reference=reference, nonfinite=nonfinite)
+
+
 def to_flat_pair(layout: Layout, chunks: Sequence[codec.SparseChunk],
                  compact: bool = False) -> tuple[Tensor, Tensor]:
     """(indices, values) over the flat space, ascending, for sparse_aggregate.
