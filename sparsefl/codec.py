@@ -47,6 +47,7 @@ the C++ face is tested against).  SPARSEFL_BACKEND applies as for the ops.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -292,6 +293,14 @@ def _check_chunk(c: SparseChunk, i: int) -> None:
 
 # ----------------------------------------------------------------- decode --------------
 
+def _as_tensor(data: bytes) -> Tensor:
+    """The payload's bytes as a uint8 tensor without a copy (read-only: the C++ decoder
+    only reads it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable"
+        return torch.frombuffer(data, dtype=torch.uint8)
+
+
 def _check_header(data, reference, nonfinite: str, max_bytes: int) -> tuple[bytes, int, int]:
     """Type, size, header fields and checksum of a payload: (bytes, n_tensors, dtype code)."""
     if nonfinite not in ("raise", "allow"):
@@ -317,7 +326,7 @@ def _check_header(data, reference, nonfinite: str, max_bytes: int) -> tuple[byte
         raise PayloadError(f"header says the body has {body_len} bytes, the payload holds "
                            f"{len(data) - HEADER.size - CRC.size}")
     (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
-    if crc != zlib.crc32(data[: len(data) - CRC.size]):
+    if crc != zlib.crc32(memoryview(data)[: len(data) - CRC.size]):
         raise PayloadError("checksum mismatch: the payload was corrupted or truncated")
     if reference is not None and len(reference) != n_tensors:
         raise PayloadError(f"payload has {n_tensors} tensors, reference has {len(reference)}")
@@ -332,7 +341,7 @@ def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor |
     if _native(backend):  # the header and checksum are checked above, the rest in C++
         try:
             idxs, vals, numels = torch.ops.sparsefl_C.codec_decode(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                _as_tensor(data),
                 list(reference) if reference is not None else [], nonfinite == "allow")
         except (ValueError, RuntimeError) as e:
             raise PayloadError(str(e).split("\n")[0]) from None
@@ -394,7 +403,7 @@ def decode_tiled(data: bytes | bytearray | memoryview, starts: Sequence[int],
         data, _, _ = _check_header(data, reference, nonfinite, max_bytes)
         try:
             offsets, local, values = torch.ops.sparsefl_C.codec_decode_tiled(
-                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                _as_tensor(data),
                 list(reference) if reference is not None else [], nonfinite == "allow",
                 list(starts), list(numels), numel)
         except (ValueError, RuntimeError) as e:
