@@ -77,6 +77,17 @@ def gencode_flags(nvcc: str) -> list[str]:
     return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
 
 
+def have_zlib() -> bool:
+    """zlib's header and library, for the codec's CRC-32 in C++ (optional)."""
+    import ctypes.util
+    import sysconfig
+
+    dirs = ["/usr/include", "/usr/local/include", sysconfig.get_paths()["include"],
+            *os.environ.get("CPATH", "").split(":")]
+    return ctypes.util.find_library("z") is not None and any(
+        d and os.path.exists(os.path.join(d, "zlib.h")) for d in dirs)
+
+
 def extensions() -> tuple[list, dict]:
     if os.environ.get("SPARSEFL_NO_EXT") == "1":
         return [], {}
@@ -92,6 +103,9 @@ def extensions() -> tuple[list, dict]:
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
     extra = {"cxx": CXX_FLAGS + os.environ.get("SPARSEFL_CXXFLAGS", "").split()}
     ldflags = ["-fopenmp"] + os.environ.get("SPARSEFL_LDFLAGS", "").split()
+    if have_zlib():  # the codec's checksum in C++ (else Python's zlib computes it)
+        extra["cxx"].append("-DSPARSEFL_HAVE_ZLIB")
+        ldflags.append("-lz")
     use_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("SPARSEFL_NO_CUDA") == "1":
         use_cuda = False

@@ -258,8 +258,9 @@ def encode(chunks: Sequence[SparseChunk], value_dtype: torch.dtype = torch.float
             [c.indices for c in chunks], [c.values for c in chunks], [c.numel for c in chunks],
             list(reference) if reference is not None else [None] * len(chunks),
             VALUE_CODES[value_dtype])
-        buf = body.numpy()  # header + body + a 4-byte slot for the checksum
-        buf[-4:] = np.frombuffer(CRC.pack(zlib.crc32(buf[:-4])), dtype=np.uint8)
+        buf = body.numpy()  # header + body + the checksum (or a slot for it)
+        if not _crc_builtin():
+            buf[-4:] = np.frombuffer(CRC.pack(zlib.crc32(buf[:-4])), dtype=np.uint8)
         return buf.tobytes()
     body = bytearray()
     for i, c in enumerate(chunks):
@@ -293,6 +294,16 @@ def _check_chunk(c: SparseChunk, i: int) -> None:
 
 # ----------------------------------------------------------------- decode --------------
 
+_CRC_BUILTIN: list[bool] = []
+
+
+def _crc_builtin() -> bool:
+    """Whether the C++ codec computes and checks the CRC-32 itself (built with zlib)."""
+    if not _CRC_BUILTIN:
+        _CRC_BUILTIN.append(bool(torch.ops.sparsefl_C.codec_crc_builtin()))
+    return _CRC_BUILTIN[0]
+
+
 def _as_tensor(data: bytes) -> Tensor:
     """The payload's bytes as a uint8 tensor without a copy (read-only: the C++ decoder
     only reads it)."""
@@ -301,8 +312,10 @@ def _as_tensor(data: bytes) -> Tensor:
         return torch.frombuffer(data, dtype=torch.uint8)
 
 
-def _check_header(data, reference, nonfinite: str, max_bytes: int) -> tuple[bytes, int, int]:
-    """Type, size, header fields and checksum of a payload: (bytes, n_tensors, dtype code)."""
+def _check_header(data, reference, nonfinite: str, max_bytes: int, crc: bool = True
+                  ) -> tuple[bytes, int, int]:
+    """Type, size, header fields and checksum (unless crc=False: the C++ decoder checks
+    it) of a payload: (bytes, n_tensors, dtype code)."""
     if nonfinite not in ("raise", "allow"):
         raise ValueError(f"nonfinite must be 'raise' or 'allow', got {nonfinite!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -325,8 +338,8 @@ def _check_header(data, reference, nonfinite: str, max_bytes: int) -> tuple[byte
     if body_len != len(data) - HEADER.size - CRC.size:
         raise PayloadError(f"header says the body has {body_len} bytes, the payload holds "
                            f"{len(data) - HEADER.size - CRC.size}")
-    (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
-    if crc != zlib.crc32(memoryview(data)[: len(data) - CRC.size]):
+    (stored,) = CRC.unpack_from(data, len(data) - CRC.size)
+    if crc and stored != zlib.crc32(memoryview(data)[: len(data) - CRC.size]):
         raise PayloadError("checksum mismatch: the payload was corrupted or truncated")
     if reference is not None and len(reference) != n_tensors:
         raise PayloadError(f"payload has {n_tensors} tensors, reference has {len(reference)}")
@@ -337,8 +350,10 @@ def decode(data: bytes | bytearray | memoryview, *, reference: Sequence[Tensor |
            = None, nonfinite: str = "raise", max_bytes: int = DEFAULT_MAX_BYTES,
            backend: str | None = None) -> list[SparseChunk]:
     """Chunks of a payload; raises PayloadError on anything malformed."""
-    data, n_tensors, dt = _check_header(data, reference, nonfinite, max_bytes)
-    if _native(backend):  # the header and checksum are checked above, the rest in C++
+    native = _native(backend)
+    data, n_tensors, dt = _check_header(data, reference, nonfinite, max_bytes,
+                                        crc=not (native and _crc_builtin()))
+    if native:  # the header and checksum are checked above, the rest in C++
         try:
             idxs, vals, numels = torch.ops.sparsefl_C.codec_decode(
                 _as_tensor(data),
@@ -400,7 +415,8 @@ def decode_tiled(data: bytes | bytearray | memoryview, starts: Sequence[int],
     from sparsefl.ops.tiled import TiledPayload, tile_payload
 
     if _native(backend):
-        data, _, _ = _check_header(data, reference, nonfinite, max_bytes)
+        data, _, _ = _check_header(data, reference, nonfinite, max_bytes,
+                                   crc=not _crc_builtin())
         try:
             offsets, local, values = torch.ops.sparsefl_C.codec_decode_tiled(
                 _as_tensor(data),
