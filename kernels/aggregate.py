@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparsefl.ops.reference.aggregate import validate
+from sparsefl.ops.reference.aggregate import check_call
 
 BLOCK = 1024
 TILE_BITS = 12  # TILE = 4096 (sparsefl/ops/tiled.py)
@@ -85,11 +85,7 @@ def sparse_aggregate(indices: Sequence[Tensor], values: Sequence[Tensor],
                      weights: Sequence[float], out: Tensor, base: Tensor | None,
                      lr: float) -> None:
     numel = out.numel()
-    accumulate = out.dtype == torch.float64
-    if accumulate and (base is not None or lr != 1.0):
-        raise ValueError("sparsefl.aggregate: a float64 out accumulates; base and lr do not "
-                         "apply")
-    validate(indices, values, weights, numel)
+    accumulate = check_call(indices, values, weights, out, base, lr)
     dev = out.device
     acc = out if accumulate else torch.zeros(numel, dtype=torch.float64, device=dev)
     w64 = torch.tensor([float(w) for w in weights], dtype=torch.float64, device=dev)

@@ -157,16 +157,8 @@ def tables(out: Path, seeds: list[int]) -> str:
                 finals.append(json.loads(f.read_text()))
         rows[name] = finals
 
-    def line(name: str, extra: str = "") -> str:
-        fs = rows[name]
-        if not fs:
-            return f"| {name} | (not run) |"
-        up = statistics.fmean(f["bytes_up"] for f in fs) / fs[0]["rounds"] / 1e6
-        down = statistics.fmean(f["bytes_down"] for f in fs) / fs[0]["rounds"] / 1e6
-        dense = fs[0]["dense_bytes"] / fs[0]["rounds"] / 1e6
-        return (f"| {name} | {len(fs)} | {_ms([f['acc_tail_mean'] for f in fs])} | "
-                f"{_ms([f['best_acc'] for f in fs])} | {_ms([f['sparsity'] for f in fs])} | "
-                f"{up:.3f} | {down:.3f} | {dense / up:.1f}x |{extra}")
+    def line(name: str) -> str:
+        return _row(out, name, name, seeds)
 
     head = ("| experiment | seeds | accuracy, last 10% of evals (%) | best (%) | "
             "global sparsity (%) | MB up / round | MB down / round | up: less than dense |\n"

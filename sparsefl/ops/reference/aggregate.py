@@ -40,16 +40,23 @@ def validate(indices: Sequence[Tensor], values: Sequence[Tensor], weights: Seque
                              f"ascending in [0, {numel})")
 
 
+def check_call(indices: Sequence[Tensor], values: Sequence[Tensor], weights: Sequence[float],
+               out: Tensor, base: Tensor | None, lr: float) -> bool:
+    """Everything a backend checks before it writes; returns whether out accumulates."""
+    accumulate = out.dtype == torch.float64
+    if accumulate and (base is not None or lr != 1.0):
+        raise ValueError("sparsefl.aggregate: a float64 out accumulates; base and lr do not "
+                         "apply")
+    validate(indices, values, weights, out.numel())
+    return accumulate
+
+
 @torch.no_grad()
 def sparse_aggregate(indices: Sequence[Tensor], values: Sequence[Tensor],
                      weights: Sequence[float], out: Tensor, base: Tensor | None,
                      lr: float) -> None:
     numel = out.numel()
-    accumulate = out.dtype == torch.float64
-    if accumulate and (base is not None or lr != 1.0):
-        raise ValueError("sparsefl.aggregate: a float64 out accumulates; base and lr do not "
-                         "apply")
-    validate(indices, values, weights, numel)
+    accumulate = check_call(indices, values, weights, out, base, lr)
     acc = out.clone() if accumulate else torch.zeros(numel, dtype=torch.float64,
                                                      device=out.device)
     for idx, val, w in zip(indices, values, weights):
