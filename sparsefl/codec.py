@@ -485,7 +485,8 @@ def dense_bytes(numel: int, dtype: torch.dtype = torch.float32) -> int:
 
 def split_flat(indices: Tensor, values: Tensor, numels: Sequence[int]) -> list[SparseChunk]:
     """Cut a flat (concatenated) top-k result into one chunk per tensor."""
-    bounds = torch.tensor([0, *np.cumsum(numels).tolist()], dtype=torch.int64)
+    bounds = torch.tensor([0, *np.cumsum(numels).tolist()], dtype=torch.int64,
+                          device=indices.device)
     cuts = torch.searchsorted(indices, bounds).tolist()
     return [SparseChunk(n, indices[a:b] - int(bounds[i]), values[a:b])
             for i, (n, a, b) in enumerate(zip(numels, cuts[:-1], cuts[1:]))]

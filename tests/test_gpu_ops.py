@@ -187,7 +187,7 @@ def test_opcheck_on_the_gpu(backend):
 def test_a_round_on_the_gpu_ends_where_the_cpu_round_ends():
     base = ["run.rounds=2", "data.clients=6", "server.clients_per_round=3", "client.epochs=1",
             "client.optimizer=sam", "sparsity.method=sparsyfed", "sparsity.sparsity=0.9",
-            "sparsity.scope=layer", "model.hidden=[32, 32]"]
+            "sparsity.scope=global", "model.hidden=[32, 32]"]  # global: split on the device
     cpu = fl.run(fl.load(None, [*base, "run.device=cpu"]), progress=False)
     gpu = fl.run(fl.load(None, [*base, "run.device=cuda"]), progress=False)
     a, b = gpu.global_flat.cpu(), cpu.global_flat

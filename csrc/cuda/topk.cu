@@ -165,7 +165,7 @@ at::Tensor flat_mask(const at::Tensor& flat, int64_t k) {
   auto counts = at::empty({blocks}, opts.dtype(at::kLong));
   auto* cp = reinterpret_cast<long long*>(counts.data_ptr<int64_t>());
   count_kernel<<<blocks, kThreads, 0, stream>>>(xp, n, pp, cp);
-  scan_kernel<<<1, 1, 0, stream>>>(cp, blocks);
+  scan_kernel<<<1, kThreads, 0, stream>>>(cp, blocks);
   auto out = at::empty({n}, opts.dtype(at::kBool));
   mask_kernel<<<blocks, kThreads, 0, stream>>>(xp, n, pp, rp, cp, out.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

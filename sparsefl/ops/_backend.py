@@ -12,9 +12,14 @@ says so once.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -30,6 +35,25 @@ def requested(backend: str | None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"sparsefl: unknown backend {name!r}; choose one of {BACKENDS}")
     return name
+
+
+def triton_module(name: str) -> ModuleType:
+    """sparsefl.triton_kernels.<name>: installed (setup.py maps kernels/ there), or, when
+    sparsefl runs from a source checkout on PYTHONPATH, kernels/<name>.py registered
+    under the same name."""
+    pkg = "sparsefl.triton_kernels"
+    try:
+        return importlib.import_module(f"{pkg}.{name}")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        if pkg in sys.modules or not (root / f"{name}.py").is_file():
+            raise
+        spec = importlib.util.spec_from_file_location(
+            pkg, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[pkg] = module
+        spec.loader.exec_module(module)
+        return importlib.import_module(f"{pkg}.{name}")
 
 
 def triton_error(device: torch.device) -> str | None:

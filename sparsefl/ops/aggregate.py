@@ -47,7 +47,7 @@ def _impl(indices, values, weights, out, base, lr, backend):
     if name == "reference":
         _reference.sparse_aggregate(indices, values, weights, out, base, lr)
     elif name == "triton":
-        from sparsefl.triton_kernels import aggregate as _triton
+        _triton = _backend.triton_module("aggregate")
 
         _triton.sparse_aggregate(indices, values, weights, out, base, lr)
     else:

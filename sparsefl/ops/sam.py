@@ -50,7 +50,7 @@ def _load_impl(name: str) -> types.SimpleNamespace:
     if name in ("cpp", "cuda"):
         return types.SimpleNamespace(perturb=torch.ops.sparsefl_C.perturb,
                                      copy_=torch.ops.sparsefl_C.copy_)
-    from sparsefl.triton_kernels import sam as _triton  # triton only when asked for
+    _triton = _backend.triton_module("sam")  # triton only when asked for
 
     return types.SimpleNamespace(perturb=_triton.perturb, copy_=_triton.copy_)
 

@@ -79,16 +79,17 @@ def _reference_tile_indices(pieces: Sequence[Tensor], starts: Sequence[int], num
 
 
 def _impl(pieces, starts, numel, backend):
-    name = _backend.resolve(backend, list(pieces), native_op="tile_indices", triton=True)
+    # no CUDA tile kernel: "cuda" is the reference's torch ops on the device (documented)
+    req = _backend.requested(backend)
+    name = _backend.resolve("reference" if req == "cuda" else req, list(pieces),
+                            native_op="tile_indices", triton=True)
     if name == "cpp":
         return torch.ops.sparsefl_C.tile_indices(pieces, starts, numel)
     if name == "triton":
-        from sparsefl.triton_kernels import aggregate as _triton
+        _triton = _backend.triton_module("aggregate")
 
         _checked_flat(pieces, starts, numel)
         return _triton.tile_indices(pieces, starts, numel)
-    if name == "cuda":  # no CUDA tile kernel: the same torch ops on the device
-        name = "reference"
     return _reference_tile_indices(pieces, starts, numel)
 
 

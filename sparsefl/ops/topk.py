@@ -39,7 +39,7 @@ def _impl(name: str) -> types.SimpleNamespace:
             _IMPLS[name] = types.SimpleNamespace(mask=_reference.topk_mask,
                                                  compress=_reference.topk_compress)
         elif name == "triton":
-            from sparsefl.triton_kernels import topk as _triton
+            _triton = _backend.triton_module("topk")
 
             _IMPLS[name] = types.SimpleNamespace(mask=_triton.topk_mask,
                                                  compress=_triton.topk_compress)
