@@ -97,7 +97,7 @@ class Counting(Strategy):
     """Counts the bytes of every train reply's arrays as they arrive from the nodes."""
 
     def __init__(self, inner: Strategy) -> None:
-        self.inner, self.up, self.errors = inner, 0, {}
+        self.inner, self.up, self.errors, self.replies = inner, 0, {}, {}
 
     def configure_train(self, r, arrays, config, grid):
         return self.inner.configure_train(r, arrays, config, grid)
@@ -105,6 +105,7 @@ class Counting(Strategy):
     def aggregate_train(self, r, replies):
         replies = list(replies)
         self.errors[r] = sum(m.has_error() for m in replies)
+        self.replies[r] = len(replies)
         for m in replies:
             if not m.has_error():
                 self.up += sum(len(a.data) for rec in m.content.array_records.values()
@@ -133,7 +134,7 @@ def simulate(mods=(), sparse: bool = False) -> dict:
         counting = Counting(wrapped)
         result = counting.start(grid, ArrayRecord(Net().state_dict()), num_rounds=ROUNDS)
         out.update(acc=central_evaluate(result.arrays), up=counting.up, strategy=wrapped,
-                   arrays=result.arrays, errors=counting.errors)
+                   arrays=result.arrays, errors=counting.errors, replies=counting.replies)
 
     run_simulation(server_app=server, client_app=client_app(mods), num_supernodes=NODES,
                    backend_config={"client_resources": {"num_cpus": 1},
@@ -170,11 +171,13 @@ def test_a_node_sending_garbage_is_dropped_not_aggregated():
 
     res = simulate([garbage, sparse_mod(density=0.05)], sparse=True)
     dropped = res["strategy"].dropped
-    # every round the garbage is refused by the decoder (a node can also fail outright in
-    # a round under load: Flower then reports an error reply, which is not aggregated
-    # either)
+    # every round the garbage is refused by the decoder.  Under load a node can also fail
+    # outright or its reply miss the round (seen in round 1 on a busy 2-core machine):
+    # Flower then hands over an error reply or none, which is not aggregated either.
     for r in range(1, ROUNDS + 1):
-        assert len(dropped.get(r, [])) + res["errors"][r] == 1, (r, dropped, res["errors"])
+        missing = NODES - res["replies"][r]
+        assert len(dropped.get(r, [])) + res["errors"][r] + missing == 1, (
+            r, dropped, res["errors"], res["replies"])
     assert len(dropped) >= ROUNDS - 1
     assert all("checksum" in v[0][1] for v in dropped.values())
     assert all(np.isfinite(a).all() for a in res["arrays"].to_numpy_ndarrays())
