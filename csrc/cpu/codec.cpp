@@ -355,10 +355,15 @@ at::Tensor codec_encode_body(at::TensorList indices, at::TensorList values,
   throw;  // unreachable
 }
 
-void check_ascending(const int64_t* idx, int64_t k, int64_t numel, const std::string& where) {
+// idx[0..k) strictly ascending in [0, numel)
+bool ascending_in(const int64_t* idx, int64_t k, int64_t numel) {
   bool ok = k == 0 || (idx[0] >= 0 && idx[k - 1] < numel);
   for (int64_t q = 1; q < k && ok; ++q) ok = idx[q] > idx[q - 1];
-  if (!ok) bad(where, "indices are not strictly ascending in [0, " + std::to_string(numel) + ")");
+  return ok;
+}
+
+void check_ascending(const int64_t* idx, int64_t k, int64_t numel, const std::string& where) {
+  if (!ascending_in(idx, k, numel)) bad(where, "indices are not strictly ascending in [0, " + std::to_string(numel) + ")");
 }
 
 // Indices of one tensor from its section (size already bounded by the payload).
@@ -471,9 +476,7 @@ at::Tensor decode_indices(const uint8_t* s, int64_t len, int enc, int64_t numel,
     if (set != nnz)
       bad(where, "bitmask has " + std::to_string(set) + " bits set, header says " + std::to_string(nnz));
     if (r) {
-      bool ok = space == 0 || (r[0] >= 0 && r[space - 1] < numel);
-      for (int64_t q = 1; q < space && ok; ++q) ok = r[q] > r[q - 1];
-      if (!ok) bad(where, "the reference support is not ascending in [0, " + std::to_string(numel) + ")");
+      if (!ascending_in(r, space, numel)) bad(where, "the reference support is not ascending in [0, " + std::to_string(numel) + ")");
     }
     int64_t k = 0;
     for (int64_t byte = 0; byte < len; ++byte) {
