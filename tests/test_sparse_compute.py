@@ -43,6 +43,7 @@ LAYERS = [
     (lambda: PowerpropLinear(40, 20), (7, 40)),
     (lambda: PowerpropLinear(40, 20), (1, 40)),
     (lambda: PowerpropLinear(12, 10), (3, 5, 12)),                     # extra leading dim
+    (lambda: PowerpropConv2d(8, 8, 3, 1, 1, bias=False), (5, 8, 1, 1)),  # 1x1 spatial 3x3
 ]
 
 
@@ -165,6 +166,29 @@ def test_support_guard():
         m(x)
     set_compute(m, "sparse")
     F.cross_entropy(m(x), y).backward()
+
+
+def test_plans_follow_their_layers():
+    """The C++ plan a layer computes with: per input size, shared by a deep copy, refused
+    once freed or for a weight of another shape."""
+    m = _pruned_resnet()
+    set_compute(m, "sparse")
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    F.cross_entropy(m(x), y).backward()
+    F.cross_entropy(m(torch.randn(3, 3, 8, 8)), y[:3]).backward()  # a second input size
+    twin = copy.deepcopy(m)
+    assert twin.conv1._spec is m.conv1._spec
+    F.cross_entropy(twin(x), y).backward()
+    spec = m.conv1._spec
+    op = torch.ops.sparsefl_C.sparse_layer
+    with pytest.raises(ValueError, match="packed for"):
+        op(x[:, :2], m.conv1.weight[:, :2], None, 1.25, spec.plan_id, -1, False)
+    handle = spec.plan_id
+    set_compute(m, "dense")
+    set_compute(twin, "dense")
+    del spec, twin
+    with pytest.raises(ValueError, match="plan"):
+        op(x, m.conv1.weight, None, 1.25, handle, -1, False)
 
 
 def test_auto_calibrates_per_layer():

@@ -31,6 +31,8 @@ SHAPES = [
     (33, 8, 16, 8, 8, 1, 2, 0),      # 1x1 shortcut, stride 2
     (1, 12, 6, 5, 5, 3, 1, 0),       # batch 1, no padding
     (20, 30, 7, 1, 1, 1, 1, 0),      # Linear as 1x1
+    (18, 6, 5, 1, 1, 3, 1, 1),       # 3x3 conv at 1x1 spatial size (its pixel is not q = lane)
+    (2100, 40, 3, 1, 1, 1, 1, 0),    # Linear past the small-input pack (84,000 inputs)
     (3, 4, 5, 11, 10, 5, 3, 2),      # 5x5, stride 3: nine phases
 ]
 DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

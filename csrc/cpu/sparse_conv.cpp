@@ -62,6 +62,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 // Vector-extension values only pass between always-inline helpers: no ABI crosses a call.
@@ -415,13 +416,15 @@ SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int
 template <typename V, int R, typename T>
 SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float buf[R * L];
-  int64_t boff[R], opix[R];
   T* out = static_cast<T*>(a.out);
   const int64_t blocks = (a.GH + a.rows_per_task - 1) / a.rows_per_task;
   const int64_t grid = a.GH * a.GW, plane = a.OH * a.OW, img = a.Cout * plane;
   // Runs of R grid pixels land on R consecutive output pixels when the grid is the whole
   // output plane at unit steps.
   const bool dense_out = a.osy == 1 && a.osx == 1 && a.GW == a.OW && a.ox0 == 0;
+  // The task's pixel offsets, worked out once for all output channels (a small layer has
+  // many channels and few pixels: per channel this index arithmetic cost more than the FMAs).
+  std::vector<int64_t> boffs, opixs;
   for (int64_t t = lo; t < hi; ++t) {
     const int64_t nt = t / blocks, rb = t % blocks;
     const int64_t p0 = rb * a.rows_per_task * a.GW;
@@ -429,18 +432,21 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
     const float* tile = a.in + nt * a.in_tile;
     const int64_t lanes = std::min(L, a.N - nt * L);
     T* o = out + nt * L * img;
+    boffs.resize(p1 - p0);
+    opixs.resize(p1 - p0);
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t u = q / a.GW, v = q - u * a.GW;
+      boffs[q - p0] = (a.iy0 + u * a.sy) * a.in_row + (a.ix0 + v * a.sx) * L;
+      opixs[q - p0] = (a.oy0 + u * a.osy) * a.OW + a.ox0 + v * a.osx;
+    }
     for (int64_t co = 0; co < a.Cout; ++co) {
       const int64_t j0 = a.ptr[co], j1 = a.ptr[co + 1];
       const float b = a.bias ? a.bias[co] : 0.0f;
       T* oc = o + co * plane;
       for (int64_t p = p0; p < p1; p += R) {
         const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));
-        for (int r = 0; r < R; ++r) {
-          const int64_t q = p + std::min(r, n - 1);
-          const int64_t u = q / a.GW, v = q % a.GW;
-          boff[r] = (a.iy0 + u * a.sy) * a.in_row + (a.ix0 + v * a.sx) * L;
-          opix[r] = (a.oy0 + u * a.osy) * a.OW + a.ox0 + v * a.osx;
-        }
+        const int64_t* boff = boffs.data() + (p - p0);
+        const int64_t* opix = opixs.data() + (p - p0);
         if (n == R) conv_run<V, R>(tile, boff, a.off, a.val, j0, j1, b, buf);
         else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
         write_pixels<R, T>(buf, n, lanes, oc, img, opix, dense_out);
@@ -553,57 +559,144 @@ void run_conv(const ConvArgs& a) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward
+// Index plans
 // ---------------------------------------------------------------------------------------
+// The O(nnz) index arithmetic of every pass depends on the support and the geometry only,
+// not on the weight values: the fused layer op (SparsePlan) builds it once per support and
+// input size, i.e. once a round; the public ops build it on every call.  For a 16-image
+// Linear layer this set-up cost more than the arithmetic.
+struct Plan {
+  std::vector<int64_t> widx;  // flat weight index (co * K + c) of each row entry
+  std::vector<int64_t> off;   // forward: input-tile offset of each row entry's tap
+  std::vector<int64_t> pptr;  // input gradient: [S][C + 1] pointers, entries phase-major
+  std::vector<int64_t> poff;  //   dyp offset of each entry
+  std::vector<int64_t> pidx;  //   its flat weight index
+  std::vector<int64_t> roff;  // weight gradient: dyp offset of each row entry's tap
+  std::vector<int64_t> rgrp;  //   its activation group (ci, phase) inside a batch tile
+};
 
-// trusted: the support comes from sparsefl.nn's own packing (the fused layer op); its
-// O(nnz) structure checks are skipped.  The public op always checks.
-at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& omega_in,
-                                   double beta, const at::Tensor& rowptr,
-                                   const at::Tensor& cols, const c10::optional<at::Tensor>& bias,
-                                   at::IntArrayRef stride, at::IntArrayRef padding,
-                                   bool trusted = false) {
-  const char* op = "sparsefl.sparse_conv_forward";
-  check_operands(x_in, "input", omega_in, beta, op);
-  const Geom g = make_geom(x_in.sizes(), omega_in, stride, padding, op);
-  if (!trusted) check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
-  const at::Tensor x = x_in.contiguous(), omega = omega_in.contiguous();
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_float(*bias, op, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == g.Co, op, ": bias must have ",
-                      g.Co, " entries");
-    b = bias->to(at::kFloat).contiguous();
+// The dyp offset of tap (kh, kw) of output channel co (see the top of the file).
+struct TapOffset {
+  FastDiv fsh, fsw;
+  int64_t Hq, Wq, Ph, Pw;
+  explicit TapOffset(const Geom& g)
+      : fsh(g.sh), fsw(g.sw), Hq(g.Hq()), Wq(g.Wq()), Ph(g.Ph()), Pw(g.Pw()) {}
+  SFL_INLINE int64_t operator()(int64_t co, int64_t kh, int64_t kw) const {
+    return ((co * Hq + Ph - fsh.div(kh)) * Wq + Pw - fsw.div(kw)) * L;
   }
-  auto y = at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
-  if (g.N == 0) return y;
+};
 
-  const int64_t nnz = cols.numel();
+void plan_rows(const Geom& g, const int64_t* rp, const int32_t* cp, Plan& P, bool fwd,
+               bool wgrad) {
+  const int64_t nnz = rp[g.Co];
   const int64_t Hp = g.Hp(), Wp = g.Wp();
-  std::vector<int64_t> off(nnz), widx(nnz);
-  std::vector<float> val(nnz);
-  const int32_t* cp = cols.data_ptr<int32_t>();
-  const int64_t* rp = rowptr.data_ptr<int64_t>();
   const TapDiv taps(g.KH, g.KW);
+  const TapOffset tap_off(g);
+  P.widx.resize(nnz);
+  if (fwd) P.off.resize(nnz);
+  if (wgrad) P.roff.resize(nnz), P.rgrp.resize(nnz);
   for (int64_t co = 0; co < g.Co; ++co)
     for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
       int64_t ci, kh, kw;
       taps.split(cp[j], ci, kh, kw);
-      off[j] = ((ci * Hp + kh) * Wp + kw) * L;
-      widx[j] = co * g.K() + cp[j];
+      P.widx[j] = co * g.K() + cp[j];
+      if (fwd) P.off[j] = ((ci * Hp + kh) * Wp + kw) * L;
+      if (wgrad) {
+        P.roff[j] = tap_off(co, kh, kw);
+        P.rgrp[j] = (ci * g.sh + tap_off.fsh.mod(kh)) * g.sw + tap_off.fsw.mod(kw);
+      }
     }
+}
+
+// The column support (entries of input channel ci, as flat weight indices) split by phase:
+// a stable counting sort (stride 1: one phase, the column support itself).
+void plan_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, Plan& P) {
+  const int64_t nnz = cpp[g.C], S = g.sh * g.sw;
+  const FastDiv fK(g.K());
+  const TapDiv taps(g.KH, g.KW);
+  const TapOffset tap_off(g);
+  std::vector<int64_t> poff(nnz);
+  std::vector<int32_t> phase_of(nnz);
+  for (int64_t ci = 0; ci < g.C; ++ci)
+    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+      const int64_t co = fK.div(ce[j]);
+      int64_t cc, kh, kw;
+      taps.split(ce[j] - co * g.K(), cc, kh, kw);
+      phase_of[j] = static_cast<int32_t>(tap_off.fsh.mod(kh) * g.sw + tap_off.fsw.mod(kw));
+      poff[j] = tap_off(co, kh, kw);
+    }
+  if (S == 1) {
+    P.pptr.assign(cpp, cpp + g.C + 1);
+    P.poff.swap(poff);
+    P.pidx.assign(ce, ce + nnz);
+    return;
+  }
+  P.pptr.assign(S * (g.C + 1), 0);
+  for (int64_t ci = 0; ci < g.C; ++ci)
+    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ++P.pptr[phase_of[j] * (g.C + 1) + ci + 1];
+  int64_t run = 0;
+  for (int64_t f = 0; f < S; ++f) {
+    int64_t* pp = P.pptr.data() + f * (g.C + 1);
+    pp[0] = run;
+    for (int64_t ci = 0; ci < g.C; ++ci) pp[ci + 1] += pp[ci];
+    run = pp[g.C];
+  }
+  std::vector<int64_t> fill(S * g.C);
+  for (int64_t f = 0; f < S; ++f)
+    for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = P.pptr[f * (g.C + 1) + ci];
+  P.poff.resize(nnz);
+  P.pidx.resize(nnz);
+  for (int64_t ci = 0; ci < g.C; ++ci)
+    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) {
+      const int64_t slot = fill[phase_of[j] * g.C + ci]++;
+      P.poff[slot] = poff[j];
+      P.pidx[slot] = ce[j];
+    }
+}
+
+// Every entry of column ci must be a weight of input channel ci.
+void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const char* op) {
+  const FastDiv fK(g.K());
+  const TapDiv taps(g.KH, g.KW);
+  bool ok = true;
+  for (int64_t ci = 0; ci < g.C; ++ci)
+    for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= taps.kk.div(fK.mod(ce[j])) == ci;
+  TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
+}
+
+// Nonzero weights outside the support: all nonzeros minus those at the plan's entries.
+template <typename T>
+int64_t escapes_of(const T* w, int64_t numel, const Plan& P) {
+  int64_t nz = 0, in_s = 0;
+  for (int64_t i = 0; i < numel; ++i) nz += static_cast<float>(w[i]) != 0.0f;
+  for (const int64_t j : P.widx) in_s += static_cast<float>(w[j]) != 0.0f;
+  return nz - in_s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+
+// y = conv(x, theta_S) + bias with the support's plan; b: float32 bias or undefined.
+at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double beta,
+                           const int64_t* rp, const Plan& P, const at::Tensor& b,
+                           const Geom& g, const char* op) {
+  auto y = at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
+  if (g.N == 0) return y;
+  const int64_t nnz = static_cast<int64_t>(P.widx.size());
+  const int64_t Hp = g.Hp(), Wp = g.Wp();
+  std::vector<float> val(nnz);
   dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    thetas(omega.data_ptr<T>(), widx.data(), nnz, static_cast<float>(beta), val.data());
+    thetas(omega.data_ptr<T>(), P.widx.data(), nnz, static_cast<float>(beta), val.data());
   });
-
   auto xt = at::empty({g.NT * g.C * Hp * Wp * L}, x.options().dtype(at::kFloat));
   ConvArgs a{};
   a.in = xt.data_ptr<float>();
   a.in_tile = g.C * Hp * Wp * L;
   a.in_row = Wp * L;
   a.iy0 = 0; a.ix0 = 0; a.sy = g.sh; a.sx = g.sw;
-  a.ptr = rp; a.off = off.data(); a.val = val.data();
+  a.ptr = rp; a.off = P.off.data(); a.val = val.data();
   a.bias = b.defined() ? b.data_ptr<float>() : nullptr;
   a.Cout = g.Co; a.N = g.N; a.NT = g.NT;
   a.GH = g.OH; a.GW = g.OW; a.OH = g.OH; a.OW = g.OW;
@@ -617,6 +710,31 @@ at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& ome
     run_conv<T>(a);
   });
   return y;
+}
+
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias, const Geom& g, const char* op) {
+  if (!(bias.has_value() && bias->defined())) return at::Tensor();
+  check_float(*bias, op, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->numel() == g.Co, op, ": bias must have ", g.Co,
+                    " entries");
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor sparse_conv_forward_cpu(const at::Tensor& x_in, const at::Tensor& omega_in,
+                                   double beta, const at::Tensor& rowptr,
+                                   const at::Tensor& cols, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "sparsefl.sparse_conv_forward";
+  check_operands(x_in, "input", omega_in, beta, op);
+  const Geom g = make_geom(x_in.sizes(), omega_in, stride, padding, op);
+  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+  const at::Tensor x = x_in.contiguous(), omega = omega_in.contiguous();
+  const at::Tensor b = float_bias(bias, g, op);
+  if (g.N == 0) return at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
+  Plan P;
+  plan_rows(g, rowptr.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), P, /*fwd=*/true,
+            /*wgrad=*/false);
+  return forward_planned(x, omega, beta, rowptr.data_ptr<int64_t>(), P, b, g, op);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -829,6 +947,72 @@ int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const in
 // exact k-th key and its tie cutoff come from those candidates, which are then filtered.
 // If the bracket misses (rare), the radix select gives the threshold and the pass runs
 // again with it: exact either way.
+// One pixel per plane at stride 1 (a Linear layer; a conv at 1x1 spatial size): the q of a
+// kept input is the pixel's base + its lane.
+int64_t pixel_base(const PackGeom& pg) { return (pg.ph * pg.Wq + pg.pw) * L; }
+
+// The one-pixel case for small inputs (a 16-image Linear layer: 1-2K entries), where the
+// general pack's machinery (bracket, chunks, candidates) costs more than the selection:
+// keys once, the exact cut by nth_element, then a count pass and a fill pass straight into
+// the outputs.  Same entries, order and tie rule as the general path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& x, int64_t k,
+                                                              const PackGeom& pg,
+                                                              const char* op) {
+  const int64_t n = x.numel(), C = pg.C, G = pg.groups();
+  std::vector<uint32_t> keys(n);
+  std::vector<float> vals(n);
+  dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xs = x.data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) vals[i] = static_cast<float>(xs[i]);
+  });
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, keys[i] = magnitude_key(vals[i]));
+  TORCH_CHECK_VALUE(mx <= 0x7f800000u, op, ": input contains NaN");
+  // keep(i) = key > ck, or key == ck and i <= tie
+  uint32_t ck = 0;
+  int64_t tie = -1;  // k == -1: the nonzeros
+  if (k == 0) {
+    ck = 0xffffffffu;
+  } else if (k == n) {
+    tie = INT64_MAX;
+  } else if (k > 0) {
+    std::vector<uint32_t> sel(keys);
+    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<uint32_t>());
+    ck = sel[k - 1];
+    int64_t gt = 0;
+    for (const uint32_t kk : keys) gt += kk > ck;
+    int64_t need_eq = k - gt;  // the ties kept: the lowest flat indices
+    for (int64_t i = 0; i < n && need_eq > 0; ++i)
+      if (keys[i] == ck && --need_eq == 0) tie = i;
+  }
+  auto keep = [&](int64_t i) { return keys[i] > ck || (keys[i] == ck && i <= tie); };
+  auto ptr = at::empty({G + 1}, x.options().dtype(at::kLong));
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  std::fill(pp, pp + G + 1, 0);
+  for (int64_t r = 0; r < pg.N; ++r) {  // image r: its row of C inputs, groups of its tile
+    int64_t* row = pp + (r / L) * C + 1;
+    for (int64_t c = 0; c < C; ++c) row[c] += keep(r * C + c);
+  }
+  for (int64_t g = 0; g < G; ++g) pp[g + 1] += pp[g];
+  TORCH_CHECK(k < 0 || pp[G] == k, op, ": internal error, kept ", pp[G], " of k = ", k);
+  auto q = at::empty({pp[G]}, x.options().dtype(at::kInt));
+  auto v = at::empty({pp[G]}, x.options().dtype(at::kFloat));
+  int32_t* qp = q.data_ptr<int32_t>();
+  float* vp = v.data_ptr<float>();
+  const int32_t base = static_cast<int32_t>(pixel_base(pg));
+  int64_t w = 0;
+  for (int64_t nt = 0; nt < pg.NT; ++nt) {
+    const int64_t lanes = std::min(L, pg.N - nt * L);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        const int64_t i = (nt * L + lane) * C + c;
+        if (keep(i)) qp[w] = base + static_cast<int32_t>(lane), vp[w++] = vals[i];
+      }
+  }
+  return {ptr, q, v};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     const at::Tensor& x_in, int64_t k, at::IntArrayRef kernel, at::IntArrayRef stride,
     at::IntArrayRef padding) {
@@ -838,6 +1022,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   const at::Tensor x = x_in.contiguous();
   const int64_t G = pg.groups(), n = x.numel(), planes = pg.NT * pg.C;
   TORCH_CHECK_VALUE(k >= -1 && k <= n, op, ": k = ", k, " is outside [-1, ", n, "]");
+  if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1 && n <= 65536)
+    return pack_one_pixel(x, k, pg, op);
   std::vector<int64_t> counts(G, 0);
   std::vector<PackChunk> chunks;
   std::mutex mu;
@@ -849,7 +1035,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
       if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1) {
-        // One pixel per plane (a Linear layer): one chunk, groups (tile, channel), q = lane.
+        // One pixel per plane (a Linear layer): one chunk, groups (tile, channel), q = the
+        // pixel's base + lane.
+        const int32_t base = static_cast<int32_t>(pixel_base(pg));
         PackChunk ch;
         ch.t0 = 0;
         ch.t1 = planes;
@@ -865,7 +1053,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
             if (key >= lo) {
               if (track && key <= hi)
                 ch.cand.push_back({key, static_cast<int64_t>(ch.q.size())});
-              ch.q.push_back(static_cast<int32_t>(i));
+              ch.q.push_back(base + static_cast<int32_t>(i));
               ch.v.push_back(val);
             }
           }
@@ -1174,72 +1362,53 @@ void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
   wgrad_rows<gather_dot_portable>(a, lo, hi, d);
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
-    const at::Tensor& dy_in, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
-    const at::Tensor& omega_in, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
-    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
-    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw,
-    bool trusted = false) {  // trusted: support and pack made by sparsefl itself
-  const char* op = "sparsefl.sparse_conv_backward";
-  check_operands(dy_in, "grad_output", omega_in, beta, op);
-  const Geom g = make_geom(x_shape, omega_in, stride, padding, op);
-  TORCH_CHECK_VALUE(dy_in.dim() == 4 && dy_in.size(0) == g.N && dy_in.size(1) == g.Co &&
-                        dy_in.size(2) == g.OH && dy_in.size(3) == g.OW,
-                    op, ": grad_output has shape ", dy_in.sizes(), ", expected [", g.N, ", ",
-                    g.Co, ", ", g.OH, ", ", g.OW, "]");
-  if (!trusted) {
-    check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
-    check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
-  }
-  TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
-                    ": support rows and columns hold different entry counts");
-  const int64_t nnz = cent.numel();
-  const int64_t S = g.sh * g.sw;  // phases
-  const int32_t* ce = cent.data_ptr<int32_t>();
-  const int64_t* cpp = cptr.data_ptr<int64_t>();
-  const FastDiv fK(g.K());
-  const TapDiv taps(g.KH, g.KW);
-  const FastDiv fsh(g.sh), fsw(g.sw);
-  if (!trusted) {  // every entry of column ci must be a weight of input channel ci
-    bool ok = true;
-    for (int64_t ci = 0; ci < g.C; ++ci)
-      for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= taps.kk.div(fK.mod(ce[j])) == ci;
-    TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
-  }
-  const int64_t Hq = g.Hq(), Wq = g.Wq(), Ph = g.Ph(), Pw = g.Pw();
-  if (need_dw) {
-    check_index(xptr, at::kLong, op, "activation pointer");
-    check_index(xq, at::kInt, op, "activation positions");
-    TORCH_CHECK_TYPE(xv.scalar_type() == at::kFloat && xv.dim() == 1 && xv.device().is_cpu(),
-                     op, ": activation values must be a 1-D float32 CPU tensor");
-    const int64_t G = g.NT * g.C * S;
-    TORCH_CHECK_VALUE(xptr.numel() == G + 1 && xq.numel() == xv.numel(), op,
-                      ": packed activation does not match the input shape");
-    const int64_t* xp = xptr.data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(xp[0] == 0 && xp[G] == xq.numel(), op,
-                      ": activation pointer must run from 0 to the entry count");
-    for (int64_t i = 0; i < G; ++i)
-      TORCH_CHECK_VALUE(xp[i] <= xp[i + 1], op, ": activation pointer is not ascending");
-    const int32_t* qq = xq.data_ptr<int32_t>();
-    const FastDiv fWq(Wq);
-    bool ok = true;
-    for (int64_t gi = 0; gi < (trusted ? 0 : G); ++gi) {  // (u, v) must be a pixel of the group's phase
-      const int64_t b = gi % g.sw, a = (gi / g.sw) % g.sh;
-      for (int64_t e = xp[gi]; e < xp[gi + 1]; ++e) {
-        const int64_t pix = static_cast<uint32_t>(qq[e]) / L, u = fWq.div(pix), v = pix - u * Wq;
-        const int64_t ih = u * g.sh + a - g.ph, iw = v * g.sw + b - g.pw;
-        ok &= (qq[e] >= 0) & (ih >= 0) & (ih < g.H) & (iw >= 0) & (iw < g.W);
-      }
+// The packed activation matches the geometry; `deep`: every position is checked too (the
+// public op; the fused layer op made the pack itself).
+void check_pack(const Geom& g, const at::Tensor& xptr, const at::Tensor& xq,
+                const at::Tensor& xv, bool deep, const char* op) {
+  const int64_t S = g.sh * g.sw;
+  check_index(xptr, at::kLong, op, "activation pointer");
+  check_index(xq, at::kInt, op, "activation positions");
+  TORCH_CHECK_TYPE(xv.scalar_type() == at::kFloat && xv.dim() == 1 && xv.device().is_cpu(),
+                   op, ": activation values must be a 1-D float32 CPU tensor");
+  const int64_t G = g.NT * g.C * S;
+  TORCH_CHECK_VALUE(xptr.numel() == G + 1 && xq.numel() == xv.numel(), op,
+                    ": packed activation does not match the input shape");
+  const int64_t* xp = xptr.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(xp[0] == 0 && xp[G] == xq.numel(), op,
+                    ": activation pointer must run from 0 to the entry count");
+  if (!deep) return;
+  for (int64_t i = 0; i < G; ++i)
+    TORCH_CHECK_VALUE(xp[i] <= xp[i + 1], op, ": activation pointer is not ascending");
+  const int32_t* qq = xq.data_ptr<int32_t>();
+  const int64_t Wq = g.Wq();
+  const FastDiv fWq(Wq);
+  bool ok = true;
+  for (int64_t gi = 0; gi < G; ++gi) {  // (u, v) must be a pixel of the group's phase
+    const int64_t b = gi % g.sw, a = (gi / g.sw) % g.sh;
+    for (int64_t e = xp[gi]; e < xp[gi + 1]; ++e) {
+      const int64_t pix = static_cast<uint32_t>(qq[e]) / L, u = fWq.div(pix), v = pix - u * Wq;
+      const int64_t ih = u * g.sh + a - g.ph, iw = v * g.sw + b - g.pw;
+      ok &= (qq[e] >= 0) & (ih >= 0) & (ih < g.H) & (iw >= 0) & (iw < g.W);
     }
-    TORCH_CHECK_VALUE(ok, op, ": activation positions out of range");
   }
-  const at::Tensor dy = dy_in.contiguous(), omega = omega_in.contiguous();
+  TORCH_CHECK_VALUE(ok, op, ": activation positions out of range");
+}
+
+// dx and domega with the support's plan (checks done by the caller).
+std::tuple<at::Tensor, at::Tensor> backward_planned(
+    const at::Tensor& dy, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
+    const at::Tensor& omega, double beta, const int64_t* rp, const Plan& P, const Geom& g,
+    at::IntArrayRef x_shape, bool need_dx, bool need_dw, const char* op) {
   at::Tensor dx, dw;
   if (g.N == 0 || (!need_dx && !need_dw)) {
     if (need_dx) dx = at::zeros(x_shape, dy.options());
     if (need_dw) dw = at::zeros_like(omega);
     return {dx, dw};
   }
+  const int64_t nnz = static_cast<int64_t>(P.widx.size());
+  const int64_t S = g.sh * g.sw;
+  const int64_t Hq = g.Hq(), Wq = g.Wq(), Ph = g.Ph(), Pw = g.Pw();
   // dy in pixel tiles with Ph, Pw leading zeros (shared by both gradients).
   auto dyp = at::empty({g.NT * g.Co * Hq * Wq * L}, dy.options().dtype(at::kFloat));
   dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) {
@@ -1247,62 +1416,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
     to_tiles<T>(dy.data_ptr<T>(), g.N, g.Co, g.OH, g.OW, dyp.data_ptr<float>(), Hq, Wq, Ph, Pw,
                 1, 1);
   });
-  // The dyp offset of a tap, and its phase.
-  auto tap_off = [&](int64_t co, int64_t kh, int64_t kw) {
-    return ((co * Hq + Ph - fsh.div(kh)) * Wq + Pw - fsw.div(kw)) * L;
-  };
   const float bf = static_cast<float>(beta);
   if (need_dx) {
-    // Column support split by phase: pointers [S][C + 1], entries in phase-major order
-    // (stride 1: one phase, the column support itself).
-    std::vector<int64_t> pptr, poff(nnz);
     std::vector<float> pval(nnz);
-    std::vector<int32_t> phase_of(nnz);
-    for (int64_t ci = 0; ci < g.C; ++ci) {
-      const int64_t j1 = cpp[ci + 1];
-      for (int64_t j = cpp[ci]; j < j1; ++j) {
-        const int64_t co = fK.div(ce[j]);
-        int64_t cc, kh, kw;
-        taps.split(ce[j] - co * g.K(), cc, kh, kw);
-        phase_of[j] = static_cast<int32_t>(fsh.mod(kh) * g.sw + fsw.mod(kw));
-        poff[j] = tap_off(co, kh, kw);
-      }
-    }
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      thetas(omega.data_ptr<T>(), ce, nnz, bf, pval.data());
+      thetas(omega.data_ptr<T>(), P.pidx.data(), nnz, bf, pval.data());
     });
-    const int64_t* phase_ptr = cpp;
-    if (S > 1) {  // counting sort of the column entries by phase, stable
-      pptr.assign(S * (g.C + 1), 0);
-      for (int64_t ci = 0; ci < g.C; ++ci) {
-        const int64_t j1 = cpp[ci + 1];
-        for (int64_t j = cpp[ci]; j < j1; ++j) ++pptr[phase_of[j] * (g.C + 1) + ci + 1];
-      }
-      int64_t run = 0;
-      for (int64_t f = 0; f < S; ++f) {
-        int64_t* pp = pptr.data() + f * (g.C + 1);
-        pp[0] = run;
-        for (int64_t ci = 0; ci < g.C; ++ci) pp[ci + 1] += pp[ci];
-        run = pp[g.C];
-      }
-      std::vector<int64_t> fill(S * g.C);
-      for (int64_t f = 0; f < S; ++f)
-        for (int64_t ci = 0; ci < g.C; ++ci) fill[f * g.C + ci] = pptr[f * (g.C + 1) + ci];
-      std::vector<int64_t> off2(nnz);
-      std::vector<float> val2(nnz);
-      for (int64_t ci = 0; ci < g.C; ++ci) {
-        const int64_t j1 = cpp[ci + 1];
-        for (int64_t j = cpp[ci]; j < j1; ++j) {
-          const int64_t slot = fill[phase_of[j] * g.C + ci]++;
-          off2[slot] = poff[j];
-          val2[slot] = pval[j];
-        }
-      }
-      poff.swap(off2);
-      pval.swap(val2);
-      phase_ptr = pptr.data();
-    }
     // Every dx pixel belongs to exactly one phase; a phase without taps writes zeros.
     dx = at::empty(x_shape, dy.options());
     for (int64_t a_ = 0; a_ < g.sh; ++a_)
@@ -1316,8 +1436,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
         a.in_tile = g.Co * Hq * Wq * L;
         a.in_row = Wq * L;
         a.iy0 = u0; a.ix0 = v0; a.sy = 1; a.sx = 1;
-        a.ptr = phase_ptr + (a_ * g.sw + b_) * (g.C + 1);
-        a.off = poff.data(); a.val = pval.data(); a.bias = nullptr;
+        a.ptr = P.pptr.data() + (a_ * g.sw + b_) * (g.C + 1);
+        a.off = P.poff.data(); a.val = pval.data(); a.bias = nullptr;
         a.Cout = g.C; a.N = g.N; a.NT = g.NT;
         a.GH = (g.H - 1 - ih0) / g.sh + 1; a.GW = (g.W - 1 - iw0) / g.sw + 1;
         a.OH = g.H; a.OW = g.W;
@@ -1329,16 +1449,6 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   }
   if (need_dw) {
     dw = at::zeros_like(omega);
-    const int32_t* cp = cols.data_ptr<int32_t>();
-    const int64_t* rp = rowptr.data_ptr<int64_t>();
-    std::vector<int64_t> roff(nnz), rgrp(nnz);
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        int64_t ci, kh, kw;
-        taps.split(cp[j], ci, kh, kw);
-        roff[j] = tap_off(co, kh, kw);
-        rgrp[j] = (ci * g.sh + fsh.mod(kh)) * g.sw + fsw.mod(kw);
-      }
     std::vector<float> dth(nnz, 0.0f);
     auto fn = isa() == Isa::kAvx512 ? &wgrad_avx512 : isa() == Isa::kAvx2 ? &wgrad_avx2
                                                                           : &wgrad_portable;
@@ -1347,54 +1457,51 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
       a.dyp = dyp.data_ptr<float>() + nt * g.Co * Hq * Wq * L;
       a.xptr = xptr.data_ptr<int64_t>() + nt * g.C * S;
       a.xq = xq.data_ptr<int32_t>(); a.xv = xv.data_ptr<float>();
-      a.rowptr = rp; a.rgrp = rgrp.data(); a.roff = roff.data();
+      a.rowptr = rp; a.rgrp = P.rgrp.data(); a.roff = P.roff.data();
       const double work = double(nnz) * (xq.numel() / double(g.NT * g.C * S) + 1);
       at::parallel_for(0, g.Co, grain(g.Co, work), [&](int64_t lo, int64_t hi) {
         fn(a, lo, hi, dth.data());
       });
     }
-    std::vector<int64_t> widx(nnz);
-    for (int64_t co = 0; co < g.Co; ++co)
-      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) widx[j] = co * g.K() + cp[j];
     std::vector<float> slope(nnz);
     dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
-      thetas(omega.data_ptr<T>(), widx.data(), nnz, bf, slope.data(), /*slope=*/true);
+      thetas(omega.data_ptr<T>(), P.widx.data(), nnz, bf, slope.data(), /*slope=*/true);
       T* d = dw.data_ptr<T>();
-      for (int64_t j = 0; j < nnz; ++j) d[widx[j]] = static_cast<T>(dth[j] * slope[j]);
+      for (int64_t j = 0; j < nnz; ++j) d[P.widx[j]] = static_cast<T>(dth[j] * slope[j]);
     });
   }
   return {dx, dw};
 }
 
-// Nonzeros of omega that lie outside the packed support (0 when the support is current).
-int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr,
-                            const at::Tensor& cols) {
-  const char* op = "sparsefl.support_escapes";
-  check_float(omega_in, op, "weight");
-  TORCH_CHECK_VALUE(omega_in.dim() >= 2, op, ": weight must have >= 2 dims");
-  const at::Tensor omega = omega_in.contiguous();
-  const int64_t rows = omega.size(0), K = omega.numel() / std::max<int64_t>(rows, 1);
-  check_csr(rowptr, cols, rows, K, op, "support rows");
+void check_grad_output(const at::Tensor& dy, const Geom& g, const char* op) {
+  TORCH_CHECK_VALUE(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.Co &&
+                        dy.size(2) == g.OH && dy.size(3) == g.OW,
+                    op, ": grad_output has shape ", dy.sizes(), ", expected [", g.N, ", ",
+                    g.Co, ", ", g.OH, ", ", g.OW, "]");
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
+    const at::Tensor& omega_in, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
+    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw) {
+  const char* op = "sparsefl.sparse_conv_backward";
+  check_operands(dy_in, "grad_output", omega_in, beta, op);
+  const Geom g = make_geom(x_shape, omega_in, stride, padding, op);
+  check_grad_output(dy_in, g, op);
+  check_csr(rowptr, cols, g.Co, g.K(), op, "support rows");
+  check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
+  TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
+                    ": support rows and columns hold different entry counts");
+  check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), op);
+  if (need_dw) check_pack(g, xptr, xq, xv, /*deep=*/true, op);
+  Plan P;
   const int64_t* rp = rowptr.data_ptr<int64_t>();
-  const int32_t* cp = cols.data_ptr<int32_t>();
-  std::atomic<int64_t> total{0};
-  dispatch_float_dtype(omega.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* w = omega.data_ptr<T>();
-    at::parallel_for(0, rows, grain(rows, double(omega.numel())), [&](int64_t lo, int64_t hi) {
-      int64_t esc = 0;
-      for (int64_t r = lo; r < hi; ++r) {
-        int64_t nz = 0, in_s = 0;
-        const T* row = w + r * K;
-        for (int64_t c = 0; c < K; ++c) nz += static_cast<float>(row[c]) != 0.0f;
-        for (int64_t j = rp[r]; j < rp[r + 1]; ++j) in_s += static_cast<float>(row[cp[j]]) != 0.0f;
-        esc += nz - in_s;
-      }
-      total += esc;
-    });
-  });
-  return total.load();
+  plan_rows(g, rp, cols.data_ptr<int32_t>(), P, /*fwd=*/false, /*wgrad=*/need_dw);
+  if (need_dx) plan_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), P);
+  return backward_planned(dy_in.contiguous(), xptr, xq, xv, omega_in.contiguous(), beta, rp, P,
+                          g, x_shape, need_dx, need_dw, op);
 }
 
 }  // namespace
@@ -1402,11 +1509,93 @@ int64_t support_escapes_cpu(const at::Tensor& omega_in, const at::Tensor& rowptr
 // ---------------------------------------------------------------------------------------
 // The whole layer as one autograd op (torch.ops.sparsefl_C.sparse_layer)
 // ---------------------------------------------------------------------------------------
-// Forward = sparse_conv_forward (+ sparse_act_pack when the weight needs a gradient); the
-// backward node is C++ (sparse_conv_backward and the bias sum).  One dispatcher call per
-// direction and no Python in the backward: for a small layer (a 16-image Linear) the
-// framework overhead of three ops and a Python autograd.Function costs more than the
-// arithmetic.  Linear layers pass a 2-D weight; x is then (..., C).
+// Forward = the planned forward (+ the activation pack when the weight needs a gradient);
+// the backward node is C++ (the planned backward and the bias sum).  One dispatcher call per
+// direction, no Python in the backward, and the index plans built once per support
+// (SparsePlan): for a small layer (a 16-image Linear) framework overhead and set-up cost
+// more than the arithmetic.  Linear layers pass a 2-D weight; x is then (..., C).
+
+// A packed support and the layer geometry, checked once; its index plans are built on first
+// use per input size and kept (sparsefl.nn.set_compute makes one per layer and round).
+struct SparsePlan : torch::CustomClassHolder {
+  at::Tensor rowptr, cols, cptr, cent;
+  std::vector<int64_t> wshape, stride, padding;  // weight as (Co, C, KH, KW)
+  std::mutex mu;
+  std::vector<std::pair<std::pair<int64_t, int64_t>, std::shared_ptr<const Plan>>> plans;
+
+  SparsePlan(at::Tensor rowptr_, at::Tensor cols_, at::Tensor cptr_, at::Tensor cent_,
+             std::vector<int64_t> wshape_, std::vector<int64_t> stride_,
+             std::vector<int64_t> padding_)
+      : rowptr(rowptr_.contiguous()), cols(cols_.contiguous()), cptr(cptr_.contiguous()),
+        cent(cent_.contiguous()), wshape(std::move(wshape_)), stride(std::move(stride_)),
+        padding(std::move(padding_)) {
+    const char* op = "sparsefl.SparsePlan";
+    TORCH_CHECK_VALUE(wshape.size() == 4 && stride.size() == 2 && padding.size() == 2, op,
+                      ": weight shape needs 4 entries, stride and padding 2");
+    for (const int64_t v : wshape) TORCH_CHECK_VALUE(v >= 1, op, ": empty weight dimension");
+    const int64_t Co = wshape[0], C = wshape[1], K = C * wshape[2] * wshape[3];
+    check_csr(rowptr, cols, Co, K, op, "support rows");
+    check_csr(cptr, cent, C, Co * K, op, "support columns");
+    TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
+                      ": support rows and columns hold different entry counts");
+    Geom g{};
+    g.C = C; g.Co = Co; g.KH = wshape[2]; g.KW = wshape[3];
+    check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), op);
+  }
+
+  void check_weight(const at::Tensor& w4, const char* op) const {
+    TORCH_CHECK_VALUE(w4.sizes() == at::IntArrayRef(wshape), op, ": the weight has shape ",
+                      w4.sizes(), " but the support was packed for ", at::IntArrayRef(wshape),
+                      ": call set_compute(model, ...) again");
+  }
+
+  // Called when the last strong reference goes: the registry forgets the plan.
+  void release_resources() override;
+
+  std::shared_ptr<const Plan> get(const Geom& g) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& [hw, plan] : plans)
+      if (hw.first == g.H && hw.second == g.W) return plan;
+    auto plan = std::make_shared<Plan>();
+    plan_rows(g, rowptr.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), *plan, true, true);
+    plan_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), *plan);
+    plans.emplace_back(std::make_pair(g.H, g.W), plan);
+    return plan;
+  }
+  int64_t id = 0;  // its handle in the registry, once handed out
+};
+
+// Plans by integer handle.  The fused op takes the handle, not the object: a TorchScript
+// object argument costs a C++ exception per call in torch's Python argument parsing (its
+// __torch_function__ lookup), ~10 us, more than a small layer's arithmetic.  Weak
+// references: the Python object owns the plan; a freed plan's handle is refused.
+std::mutex g_plans_mu;
+std::unordered_map<int64_t, c10::weak_intrusive_ptr<SparsePlan>> g_plans;
+int64_t g_next_plan = 1;
+
+void SparsePlan::release_resources() {
+  std::lock_guard<std::mutex> lock(g_plans_mu);
+  if (id != 0) g_plans.erase(id);
+}
+
+int64_t plan_handle(const c10::intrusive_ptr<SparsePlan>& self) {
+  std::lock_guard<std::mutex> lock(g_plans_mu);
+  if (self->id == 0) {
+    self->id = g_next_plan++;
+    g_plans.emplace(self->id, c10::weak_intrusive_ptr<SparsePlan>(self));
+  }
+  return self->id;
+}
+
+c10::intrusive_ptr<SparsePlan> plan_of(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_plans_mu);
+  const auto it = g_plans.find(id);
+  TORCH_CHECK_VALUE(it != g_plans.end(), "sparsefl.sparse_layer: no sparse plan with handle ",
+                    id, " (freed, or not from SparsePlan.handle())");
+  auto plan = it->second.lock();
+  TORCH_CHECK_VALUE(plan.defined(), "sparsefl.sparse_layer: sparse plan ", id, " was freed");
+  return plan;
+}
 
 namespace {
 
@@ -1440,23 +1629,44 @@ struct LayerView {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+constexpr const char* kLayerOp = "sparsefl.sparse_layer";
+
+// The forward of the fused op, shared by its autograd and plain (inference) kernels: checks
+// that no nonzero weight lies outside the support (the weights were replaced since
+// set_compute), then computes y on the support.
+at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double beta,
+                         const c10::optional<at::Tensor>& bias, SparsePlan& sp, Geom& g,
+                         std::shared_ptr<const Plan>& P) {
+  check_operands(lv.x4, "input", lv.w4, beta, kLayerOp);
+  sp.check_weight(lv.w4, kLayerOp);
+  g = make_geom(lv.x4.sizes(), lv.w4, sp.stride, sp.padding, kLayerOp);
+  P = sp.get(g);
+  const at::Tensor x = lv.x4.contiguous(), w = lv.w4.contiguous();
+  int64_t escaped = 0;
+  dispatch_float_dtype(w.scalar_type(), kLayerOp, [&](auto tag) {
+    using T = decltype(tag);
+    escaped = escapes_of(w.data_ptr<T>(), w.numel(), *P);
+  });
+  TORCH_CHECK(escaped == 0, "sparsefl: ", escaped, " nonzero weights of a sparse layer lie "
+              "outside the support packed by set_compute(); the weights changed since (a new "
+              "model was loaded?): call set_compute(model, ...) again");
+  return forward_planned(x, w, beta, sp.rowptr.data_ptr<int64_t>(), *P,
+                         float_bias(bias, g, kLayerOp), g, kLayerOp);
+}
 
 struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& omega,
                             const c10::optional<at::Tensor>& bias, double beta,
-                            const at::Tensor& rowptr, const at::Tensor& cols,
-                            const at::Tensor& cptr, const at::Tensor& cent,
-                            std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            int64_t k, bool train) {
+                            const c10::intrusive_ptr<SparsePlan>& plan, int64_t k, bool train) {
     const LayerView lv(x, omega);
-    const at::Tensor& x4 = lv.x4;
-    const at::Tensor& w4 = lv.w4;
-    at::Tensor y = sparse_conv_forward_cpu(x4, w4, beta, rowptr, cols, bias, stride, padding,
-                                           /*trusted=*/true);
+    Geom g{};
+    std::shared_ptr<const Plan> P;
+    at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P);
     std::vector<at::Tensor> saved{omega};
     if (train && omega.requires_grad()) {
       const auto t0 = std::chrono::steady_clock::now();
-      auto [p, q, v] = sparse_act_pack_cpu(x4, k, {w4.size(2), w4.size(3)}, stride, padding);
+      auto [p, q, v] = sparse_act_pack_cpu(lv.x4, k, {g.KH, g.KW}, plan->stride,
+                                           plan->padding);
       g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - t0).count();
       saved.push_back(p);
@@ -1465,14 +1675,9 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     }
     ctx->save_for_backward(saved);
     ctx->saved_data["beta"] = beta;
-    ctx->saved_data["rowptr"] = rowptr;
-    ctx->saved_data["cols"] = cols;
-    ctx->saved_data["cptr"] = cptr;
-    ctx->saved_data["cent"] = cent;
-    ctx->saved_data["stride"] = c10::IValue(stride);
-    ctx->saved_data["padding"] = c10::IValue(padding);
+    ctx->saved_data["plan"] = plan;
     ctx->saved_data["x_shape"] = c10::IValue(x.sizes().vec());
-    ctx->saved_data["x4_shape"] = c10::IValue(x4.sizes().vec());
+    ctx->saved_data["x4_shape"] = c10::IValue(lv.x4.sizes().vec());
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return lv.output(y, x);
   }
@@ -1484,77 +1689,51 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const int64_t cout = omega.size(0), cin = omega.size(1);
     const auto x_shape = ctx->saved_data["x_shape"].toIntVector();
     const auto x4_shape = ctx->saved_data["x4_shape"].toIntVector();
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const at::Tensor w4 = linear ? omega.view({cout, cin, 1, 1}) : omega;
+    const auto plan = ctx->saved_data["plan"].toCustomClass<SparsePlan>();
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const at::Tensor w4 = (linear ? omega.view({cout, cin, 1, 1}) : omega).contiguous();
     const at::Tensor dy = grads[0];
-    const at::Tensor dy4 = linear ? dy.reshape({-1, cout, 1, 1}) : dy.contiguous();
+    const at::Tensor dy4 = (linear ? dy.reshape({-1, cout, 1, 1}) : dy).contiguous();
     const bool need_dx = ctx->needs_input_grad(0);
     const bool need_dw = ctx->needs_input_grad(1) && saved.size() == 4;
+    const char* op = "sparsefl.sparse_layer (backward)";
+    check_operands(dy4, "grad_output", w4, beta, op);
+    const Geom g = make_geom(x4_shape, w4, plan->stride, plan->padding, op);
+    check_grad_output(dy4, g, op);
     at::Tensor ptr, q, v;
     if (saved.size() == 4) {
       ptr = saved[1], q = saved[2], v = saved[3];
-    } else {  // no weight gradient: an empty pack of the right group count
-      const int64_t groups = (x4_shape[0] + L - 1) / L * x4_shape[1] * stride[0] * stride[1];
-      ptr = at::zeros({groups + 1}, omega.options().dtype(at::kLong));
-      q = at::empty({0}, omega.options().dtype(at::kInt));
-      v = at::empty({0}, omega.options().dtype(at::kFloat));
+      check_pack(g, ptr, q, v, /*deep=*/false, op);
     }
     at::Tensor dx, dw, db;
     if (need_dx || need_dw) {
-      std::tie(dx, dw) = sparse_conv_backward_cpu(
-          dy4, ptr, q, v, w4, ctx->saved_data["beta"].toDouble(),
-          ctx->saved_data["rowptr"].toTensor(), ctx->saved_data["cols"].toTensor(),
-          ctx->saved_data["cptr"].toTensor(), ctx->saved_data["cent"].toTensor(), x4_shape,
-          stride, padding, need_dx, need_dw, /*trusted=*/true);
+      std::tie(dx, dw) = backward_planned(dy4, ptr, q, v, w4, beta,
+                                          plan->rowptr.data_ptr<int64_t>(), *plan->get(g), g,
+                                          x4_shape, need_dx, need_dw, op);
       if (need_dx) dx = dx.view(x_shape);
       if (need_dw) dw = dw.view(omega.sizes());
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
       db = dy4.sum({0, 2, 3});
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor sparse_layer_autograd(const at::Tensor& x, const at::Tensor& omega,
                                  const c10::optional<at::Tensor>& bias, double beta,
-                                 const at::Tensor& rowptr, const at::Tensor& cols,
-                                 const at::Tensor& cptr, const at::Tensor& cent,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, int64_t k,
-                                 bool train) {
-  return SparseLayerFn::apply(x, omega, bias, beta, rowptr, cols, cptr, cent, stride.vec(),
-                              padding.vec(), k, train);
+                                 int64_t plan, int64_t k, bool train) {
+  return SparseLayerFn::apply(x, omega, bias, beta, plan_of(plan), k, train);
 }
 
 // Without autograd (inference mode): the forward alone.
 at::Tensor sparse_layer_cpu(const at::Tensor& x, const at::Tensor& omega,
                             const c10::optional<at::Tensor>& bias, double beta,
-                            const at::Tensor& rowptr, const at::Tensor& cols,
-                            const at::Tensor& cptr, const at::Tensor& cent,
-                            at::IntArrayRef stride, at::IntArrayRef padding, int64_t k,
-                            bool train) {
-  (void)cptr, (void)cent, (void)k, (void)train;
+                            int64_t plan, int64_t k, bool train) {
+  (void)k, (void)train;
   const LayerView lv(x, omega);
-  return lv.output(sparse_conv_forward_cpu(lv.x4, lv.w4, beta, rowptr, cols, bias, stride,
-                                           padding, /*trusted=*/true), x);
-}
-
-// The public ops: always checked.
-at::Tensor sparse_conv_forward_op(const at::Tensor& x, const at::Tensor& omega, double beta,
-                                  const at::Tensor& rowptr, const at::Tensor& cols,
-                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                  at::IntArrayRef padding) {
-  return sparse_conv_forward_cpu(x, omega, beta, rowptr, cols, bias, stride, padding);
-}
-
-std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_op(
-    const at::Tensor& dy, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
-    const at::Tensor& omega, double beta, const at::Tensor& rowptr, const at::Tensor& cols,
-    const at::Tensor& cptr, const at::Tensor& cent, at::IntArrayRef x_shape,
-    at::IntArrayRef stride, at::IntArrayRef padding, bool need_dx, bool need_dw) {
-  return sparse_conv_backward_cpu(dy, xptr, xq, xv, omega, beta, rowptr, cols, cptr, cent,
-                                  x_shape, stride, padding, need_dx, need_dw);
+  Geom g{};
+  std::shared_ptr<const Plan> P;
+  return lv.output(layer_forward(lv, omega, beta, bias, *plan_of(plan), g, P), x);
 }
 
 int64_t act_prune_ns() { return g_act_prune_ns.load(); }
@@ -1562,8 +1741,11 @@ int64_t act_prune_ns() { return g_act_prune_ns.load(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
-  m.def("sparse_layer(Tensor x, Tensor omega, Tensor? bias, float beta, Tensor rowptr, "
-        "Tensor cols, Tensor cptr, Tensor cent, int[] stride, int[] padding, int k, "
+  m.class_<SparsePlan>("SparsePlan")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<int64_t>,
+                       std::vector<int64_t>, std::vector<int64_t>>())
+      .def("handle", &plan_handle);
+  m.def("sparse_layer(Tensor x, Tensor omega, Tensor? bias, float beta, int plan, int k, "
         "bool train) -> Tensor");
   m.def("act_prune_ns() -> int", &act_prune_ns);
   m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
@@ -1574,7 +1756,6 @@ TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
         "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
         "int[] x_shape, int[] stride, "
         "int[] padding, bool need_dx, bool need_dw) -> (Tensor, Tensor)");
-  m.def("support_escapes(Tensor omega, Tensor rowptr, Tensor cols) -> int");
 }
 
 TORCH_LIBRARY_IMPL(sparsefl_C, Autograd, m) {
@@ -1583,10 +1764,9 @@ TORCH_LIBRARY_IMPL(sparsefl_C, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
   m.impl("sparse_layer", &sparse_layer_cpu);
-  m.impl("sparse_conv_forward", &sparse_conv_forward_op);
+  m.impl("sparse_conv_forward", &sparse_conv_forward_cpu);
   m.impl("sparse_act_pack", &sparse_act_pack_cpu);
-  m.impl("sparse_conv_backward", &sparse_conv_backward_op);
-  m.impl("support_escapes", &support_escapes_cpu);
+  m.impl("sparse_conv_backward", &sparse_conv_backward_cpu);
 }
 
 }  // namespace sparsefl

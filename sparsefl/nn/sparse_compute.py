@@ -79,7 +79,7 @@ class _Spec:
     """What a layer's sparse path needs on every call, worked out once in set_compute."""
 
     __slots__ = ("support", "kernel", "stride", "padding", "conv", "cin", "cout", "native",
-                 "groups")
+                 "groups", "plan", "plan_id")
 
     def __init__(self, m: nn.Module, support: sc.Support, native: bool) -> None:
         self.support, self.native = support, native
@@ -88,6 +88,15 @@ class _Spec:
         self.cin = m.in_channels if self.conv else m.in_features
         self.cout = m.out_channels if self.conv else m.out_features
         self.groups = self.stride[0] * self.stride[1]  # phases per (tile, channel)
+        # C++: the support checked once and its index plans kept (per input size)
+        self.plan = (torch.classes.sparsefl_C.SparsePlan(
+            support.rowptr, support.cols, support.cptr, support.cent,
+            [self.cout, self.cin, *self.kernel], self.stride, self.padding)
+            if native else None)
+        self.plan_id = self.plan.handle() if native else 0  # what the fused op takes
+
+    def __deepcopy__(self, memo: dict) -> _Spec:
+        return self  # immutable: a copied layer shares its packed support
 
 
 class _SparseLayer(torch.autograd.Function):
@@ -159,16 +168,15 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
         _decide(m, tuple(x.shape))
         if m.compute == "dense":
             return m._dense_forward(x)
-    _check_support(m)
     sp: _Spec = m._spec
     prune = m._pruning()
-    if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node
-        sup = sp.support
+    if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node; it
+        # checks the support itself (as _check_support)
         k = act_keep(m, x) if prune else -1
         train = torch.is_grad_enabled() and m.weight.requires_grad
-        return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sup.rowptr,
-                                                 sup.cols, sup.cptr, sup.cent, sp.stride,
-                                                 sp.padding, k, train)
+        return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id, k,
+                                                 train)
+    _check_support(m)
     return _SparseLayer.apply(x, m.weight, m.bias, m, prune)
 
 
@@ -180,9 +188,7 @@ def _check_support(m: nn.Module) -> None:
     stamp = (w._version, w.data_ptr())
     if m._checked == stamp:
         return
-    sup = m._spec.support
-    escaped = (torch.ops.sparsefl_C.support_escapes(w.detach(), sup.rowptr, sup.cols)
-               if m._spec.native else _escapes_reference(w.detach(), sup))
+    escaped = _escapes_reference(w.detach(), m._spec.support)
     if escaped:
         raise RuntimeError(
             f"sparsefl: {escaped} nonzero weights of a {type(m).__name__} lie outside the "
@@ -211,8 +217,8 @@ def _key(m: nn.Module, x_shape: tuple[int, ...]) -> tuple:
 
 def _time_pass(m: nn.Module, x: Tensor, gy: Tensor, path) -> float:
     t0 = time.perf_counter()
-    y = path(x)
-    torch.autograd.grad(y, [x, m.weight], gy)
+    # a scalar loss: autograd.grad with grad_outputs imports sympy on first use (~0.4 s)
+    torch.autograd.grad((path(x) * gy).sum(), [x, m.weight])
     return time.perf_counter() - t0
 
 
@@ -261,6 +267,13 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
 
 
 def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    """Each Powerprop layer's input shape for a batch shaped like `sample` (one dense eval
+    forward, remembered per model and sample shape: the engine asks once per client)."""
+    cached = getattr(model, "_sparsefl_shapes", None)
+    layers = [mod for mod in model.modules() if isinstance(mod, POWERPROP)]
+    if (cached is not None and cached[0] == tuple(sample.shape)
+            and len(cached[1]) == len(layers) and all(mod in cached[1] for mod in layers)):
+        return cached[1]
     shapes: dict[nn.Module, tuple[int, ...]] = {}
 
     def record(mod: nn.Module, args: tuple) -> None:
@@ -269,7 +282,6 @@ def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int
     hooks = [mod.register_forward_pre_hook(record)
              for mod in model.modules() if isinstance(mod, POWERPROP)]
     was_training = model.training
-    layers = [mod for mod in model.modules() if isinstance(mod, POWERPROP)]
     modes = [mod.compute for mod in layers]
     try:
         for mod in layers:
@@ -283,6 +295,7 @@ def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int
         for mod, mode in zip(layers, modes):
             mod.compute = mode
         model.train(was_training)
+    model._sparsefl_shapes = (tuple(sample.shape), shapes)
     return shapes
 
 
