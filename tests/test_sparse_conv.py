@@ -32,6 +32,8 @@ SHAPES = [
     (1, 12, 6, 5, 5, 3, 1, 0),       # batch 1, no padding
     (20, 30, 7, 1, 1, 1, 1, 0),      # Linear as 1x1
     (18, 6, 5, 1, 1, 3, 1, 1),       # 3x3 conv at 1x1 spatial size (its pixel is not q = lane)
+    (20, 4, 6, 18, 35, 3, 2, 1),     # stride 2, wide rows: the vector scan and its odd tail
+    (17, 3, 5, 16, 32, 1, 2, 0),     # stride 2, no padding: the other column phase first
     (2100, 40, 3, 1, 1, 1, 1, 0),    # Linear past the small-input pack (84,000 inputs)
     (3, 4, 5, 11, 10, 5, 3, 2),      # 5x5, stride 3: nine phases
 ]
@@ -263,12 +265,28 @@ def test_opcheck(backend):
                            [5, 3, 6, 6], [2, 2], [1, 1], True, True, backend))
 
 
-def test_pack_support_layout():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_support_layout(backend):
     omega = torch.zeros(3, 2, 3, 3)
     omega[0, 1, 2, 0] = 1.0
     omega[2, 0, 0, 1] = -2.0
-    sup = ref.pack_support(omega)
+    sup = sc.pack_support(omega, backend)
     assert sup.rowptr.tolist() == [0, 1, 1, 2]
     assert sup.cols.tolist() == [1 * 9 + 2 * 3 + 0, 0 * 9 + 0 * 3 + 1]
     assert sup.cptr.tolist() == [0, 1, 2]
     assert sup.cent.tolist() == [2 * 18 + 1, 0 * 18 + 15]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pack_support_matches_reference(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(16, 8, 3, 3), (7, 5, 1, 1), (20, 30), (4, 3, 5, 5), (1, 1)]:
+        for density in (0.0, 0.07, 0.5, 1.0):
+            omega = torch.randn(shape, generator=g)
+            omega = (omega * ops.topk_mask(omega, density)).to(dtype)
+            got, want = sc.pack_support(omega, backend), ref.pack_support(omega)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and torch.equal(a, b), (shape, density)
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        sc.pack_support(torch.zeros(3, 3, 3), backend)

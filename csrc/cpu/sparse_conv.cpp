@@ -654,6 +654,55 @@ void plan_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, Plan& P)
     }
 }
 
+// The support of omega in both groupings (the definition: pack_support in
+// sparsefl/ops/reference/sparse_conv.py): rows = output channels, entries the nonzero
+// columns c = ci * KH * KW + kh * KW + kw ascending; columns = input channels, entries the
+// flat indices co * K + c in (co, c) order.  Once per layer and round.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_support_cpu(
+    const at::Tensor& omega_in) {
+  const char* op = "sparsefl.pack_support";
+  check_float(omega_in, op, "weight");
+  TORCH_CHECK_VALUE(omega_in.dim() == 2 || omega_in.dim() == 4, op,
+                    ": weight must be 2-D or 4-D, got ", omega_in.dim(), "-D");
+  const at::Tensor w = omega_in.contiguous();
+  const int64_t co = w.size(0), C = w.size(1);
+  const int64_t kk = w.dim() == 4 ? w.size(2) * w.size(3) : 1, K = C * kk;
+  TORCH_CHECK_VALUE(co * K < (int64_t{1} << 31), op, ": weight has 2^31 or more entries");
+  auto rowptr = at::empty({co + 1}, w.options().dtype(at::kLong));
+  auto cptr = at::zeros({C + 1}, w.options().dtype(at::kLong));
+  int64_t* rp = rowptr.data_ptr<int64_t>();
+  int64_t* cp = cptr.data_ptr<int64_t>();
+  std::vector<uint8_t> nz(co * K);
+  dispatch_float_dtype(w.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    const T* ws = w.data_ptr<T>();
+    for (int64_t i = 0; i < co * K; ++i) nz[i] = static_cast<float>(ws[i]) != 0.0f;
+  });
+  rp[0] = 0;
+  for (int64_t r = 0; r < co; ++r) {
+    int64_t n = 0;
+    for (int64_t c = 0; c < K; ++c) n += nz[r * K + c];
+    rp[r + 1] = rp[r] + n;
+  }
+  const int64_t nnz = rp[co];
+  for (int64_t r = 0; r < co; ++r)
+    for (int64_t c = 0; c < K; ++c) cp[c / kk + 1] += nz[r * K + c];
+  for (int64_t ci = 0; ci < C; ++ci) cp[ci + 1] += cp[ci];
+  auto cols = at::empty({nnz}, w.options().dtype(at::kInt));
+  auto cent = at::empty({nnz}, w.options().dtype(at::kInt));
+  int32_t* cs = cols.data_ptr<int32_t>();
+  int32_t* ce = cent.data_ptr<int32_t>();
+  std::vector<int64_t> fill(cp, cp + C);
+  int64_t j = 0;
+  for (int64_t r = 0; r < co; ++r)
+    for (int64_t c = 0; c < K; ++c)
+      if (nz[r * K + c]) {
+        cs[j++] = static_cast<int32_t>(c);
+        ce[fill[c / kk]++] = static_cast<int32_t>(r * K + c);
+      }
+  return {rowptr, cols, cptr, cent};
+}
+
 // Every entry of column ci must be a weight of input channel ci.
 void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const char* op) {
   const FastDiv fK(g.K());
@@ -892,6 +941,72 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
 #endif
 }
 
+// The same for column stride 2 (the strided 3x3 and 1x1 convs): 16 columns per step are
+// 8 of each column phase interleaved; each phase's kept entries are compressed into its own
+// staging area.  Column iw + j (iw a multiple of 16) has phase (j + pw) % 2 and grid column
+// iw / 2 + (j + pw) / 2.  Entries land in the scalar scan's order (per phase: rows, then
+// columns ascending).
+SFL_AVX512 void scan_plane_s2_avx512(const float* __restrict x, int64_t lanes, int64_t img,
+                                     const PackGeom& p, int32_t* __restrict sq,
+                                     float* __restrict sv, int64_t stage,
+                                     int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
+                                     int64_t& above_out, uint32_t& max_out) {
+#if defined(SFL_X86)
+  int64_t above = 0;
+  __m512i mxv = _mm512_setzero_si512();
+  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  alignas(64) int32_t st[16];
+  for (int j = 0; j < 16; ++j) st[j] = static_cast<int32_t>(((j + p.pw) / 2) * L);
+  const __m512i step = _mm512_load_si512(st);
+  // lanes j of phase b: (j + pw) % 2 == b
+  const __mmask16 even = 0x5555, odd = 0xAAAA;
+  const __mmask16 pmask[2] = {p.pw % 2 == 0 ? even : odd, p.pw % 2 == 0 ? odd : even};
+  for (int64_t i = 0; i < lanes; ++i)
+    for (int64_t ih = 0; ih < p.H; ++ih) {
+      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
+      const float* row = x + i * img + ih * p.W;
+      int32_t* __restrict qd[2] = {sq + (a * 2) * stage, sq + (a * 2 + 1) * stage};
+      float* __restrict vd[2] = {sv + (a * 2) * stage, sv + (a * 2 + 1) * stage};
+      int64_t n[2] = {cnt[a * 2], cnt[a * 2 + 1]};
+      const int32_t qrow = static_cast<int32_t>(u * p.Wq * L + i);
+      int64_t iw = 0;
+      for (; iw + 16 <= p.W; iw += 16) {
+        const __m512 v = _mm512_loadu_ps(row + iw);
+        const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lov);
+        above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
+        mxv = _mm512_max_epu32(mxv, key);
+        const __m512i q = _mm512_add_epi32(
+            _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / 2) * L)), step);
+        for (int b = 0; b < 2; ++b) {
+          const __mmask16 kb = keep & pmask[b];
+          _mm512_storeu_ps(vd[b] + n[b], _mm512_maskz_compress_ps(kb, v));
+          _mm512_storeu_si512(qd[b] + n[b], _mm512_maskz_compress_epi32(kb, q));
+          n[b] += __builtin_popcount(kb);
+        }
+      }
+      uint32_t mx = 0;  // the tail, scalar, phase by phase
+      for (int b = 0; b < 2; ++b) {
+        const int64_t iw0 = iw + ((b - p.pw) % 2 + 2) % 2;  // first column >= iw of phase b
+        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / 2) * L + i);
+        n[b] = append_kept(row, iw0, p.W, int64_t{2}, qv, qd[b], vd[b], n[b], lo, hi, above,
+                           mx);
+      }
+      mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
+      cnt[a * 2] = n[0];
+      cnt[a * 2 + 1] = n[1];
+    }
+  above_out += above;
+  alignas(64) uint32_t m16[16];
+  _mm512_store_si512(m16, mxv);
+  max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
+#else
+  scan_plane<float>(x, lanes, img, p, sq, sv, stage, cnt, lo, hi, above_out, max_out);
+#endif
+}
+
 template <typename T>
 void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t lo, uint32_t hi,
                 bool track, PackChunk& out, int32_t* sq, float* sv, int64_t stage,
@@ -907,6 +1022,10 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
     if (p.sw == 1 && isa() == Isa::kAvx512) {
       scan_plane_avx512(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above,
                         out.kmax);
+      done = true;
+    } else if (p.sw == 2 && isa() == Isa::kAvx512) {
+      scan_plane_s2_avx512(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above,
+                           out.kmax);
       done = true;
     }
   }
@@ -1748,6 +1867,7 @@ TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("sparse_layer(Tensor x, Tensor omega, Tensor? bias, float beta, int plan, int k, "
         "bool train) -> Tensor");
   m.def("act_prune_ns() -> int", &act_prune_ns);
+  m.def("pack_support(Tensor omega) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
         "Tensor? bias, int[] stride, int[] padding) -> Tensor");
   m.def("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding) "
@@ -1764,6 +1884,7 @@ TORCH_LIBRARY_IMPL(sparsefl_C, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
   m.impl("sparse_layer", &sparse_layer_cpu);
+  m.impl("pack_support", &pack_support_cpu);
   m.impl("sparse_conv_forward", &sparse_conv_forward_cpu);
   m.impl("sparse_act_pack", &sparse_act_pack_cpu);
   m.impl("sparse_conv_backward", &sparse_conv_backward_cpu);

@@ -325,7 +325,7 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
             # backend is asked for: sparse compute has no Triton or CUDA face by design
             native = _backend.requested(backend) in ("auto", "cpp") and _backend.resolve(
                 backend, [m.weight], native_op="sparse_conv_forward", triton=False) == "cpp"
-            m._spec = _Spec(m, sc.pack_support(m.weight), native)
+            m._spec = _Spec(m, sc.pack_support(m.weight, backend), native)
             m._checked = None
             m.compute = mode
     if mode == "auto" and sample is not None:
