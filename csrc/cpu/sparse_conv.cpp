@@ -1066,6 +1066,28 @@ int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const in
 // exact k-th key and its tie cutoff come from those candidates, which are then filtered.
 // If the bracket misses (rare), the radix select gives the threshold and the pass runs
 // again with it: exact either way.
+// The k-th largest of n keys (1 <= k <= n), by radix selection on 8-bit digits from the
+// top: one histogram pass over all keys, then passes over the shrinking bucket that holds
+// the answer.  Linear in n whatever the ties: nth_element slowed down on the many equal
+// keys of post-ReLU activations and integer-valued images.
+uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k) {
+  std::vector<uint32_t> cur(keys, keys + n), next;
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t hist[256] = {0};
+    for (const uint32_t v : cur) ++hist[(v >> shift) & 0xff];
+    int digit = 255;
+    for (; digit > 0 && hist[digit] < k; --digit) k -= hist[digit];
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    if (shift == 0) break;
+    next.clear();
+    for (const uint32_t v : cur)
+      if (((v >> shift) & 0xff) == static_cast<uint32_t>(digit)) next.push_back(v);
+    cur.swap(next);
+  }
+  return prefix;
+}
+
 // One pixel per plane at stride 1 (a Linear layer; a conv at 1x1 spatial size): the q of a
 // kept input is the pixel's base + its lane.
 int64_t pixel_base(const PackGeom& pg) { return (pg.ph * pg.Wq + pg.pw) * L; }
@@ -1096,9 +1118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
   } else if (k == n) {
     tie = INT64_MAX;
   } else if (k > 0) {
-    std::vector<uint32_t> sel(keys);
-    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<uint32_t>());
-    ck = sel[k - 1];
+    ck = kth_largest(keys.data(), n, k);
     int64_t gt = 0;
     for (const uint32_t kk : keys) gt += kk > ck;
     int64_t need_eq = k - gt;  // the ties kept: the lowest flat indices
@@ -1223,10 +1243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     });
     TORCH_CHECK_VALUE(*std::max_element(keys.begin(), keys.end()) <= 0x7f800000u, op,
                       ": input contains NaN");
-    std::vector<uint32_t> sel(keys);
-    std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.end(), std::greater<uint32_t>());
     MagnitudeCut c;
-    c.key = sel[k - 1];
+    c.key = kth_largest(keys.data(), n, k);
     int64_t gt = 0, eq = 0;
     for (uint32_t kk : keys) gt += kk > c.key, eq += kk == c.key;
     const int64_t need_eq = k - gt;
@@ -1481,6 +1499,37 @@ void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
   wgrad_rows<gather_dot_portable>(a, lo, hi, d);
 }
 
+// Weight gradient of a one-pixel 1x1 layer (a Linear layer) for one batch tile, dense then
+// read on the support: rows[co][c] = sum over lanes of dyp[co][lane] * xt[c][lane], built
+// as axpys over the input channels, lanes in order.  With a small batch each weight meets a
+// few kept inputs, and one gather-dot per weight is all overhead; this is Co * 16 * C
+// vectorised FMAs.  xt: the tile's pruned input, dense, [16][C] (lane-major).
+template <typename Dummy = void>
+SFL_INLINE void rows_dense(const float* __restrict dyp, const float* __restrict xt, int64_t Co,
+                           int64_t C, int64_t lanes, float* __restrict rows) {
+  for (int64_t co = 0; co < Co; ++co) {
+    float* __restrict r = rows + co * C;
+    for (int64_t c = 0; c < C; ++c) r[c] = 0.0f;
+    for (int64_t l = 0; l < lanes; ++l) {
+      const float a = dyp[co * L + l];
+      const float* __restrict xr = xt + l * C;
+      for (int64_t c = 0; c < C; ++c) r[c] += a * xr[c];
+    }
+  }
+}
+SFL_AVX512 void rows_dense_avx512(const float* dyp, const float* xt, int64_t Co, int64_t C,
+                                  int64_t lanes, float* rows) {
+  rows_dense(dyp, xt, Co, C, lanes, rows);
+}
+SFL_AVX2 void rows_dense_avx2(const float* dyp, const float* xt, int64_t Co, int64_t C,
+                              int64_t lanes, float* rows) {
+  rows_dense(dyp, xt, Co, C, lanes, rows);
+}
+void rows_dense_portable(const float* dyp, const float* xt, int64_t Co, int64_t C,
+                         int64_t lanes, float* rows) {
+  rows_dense(dyp, xt, Co, C, lanes, rows);
+}
+
 // The packed activation matches the geometry; `deep`: every position is checked too (the
 // public op; the fused layer op made the pack itself).
 void check_pack(const Geom& g, const at::Tensor& xptr, const at::Tensor& xq,
@@ -1571,7 +1620,31 @@ std::tuple<at::Tensor, at::Tensor> backward_planned(
     std::vector<float> dth(nnz, 0.0f);
     auto fn = isa() == Isa::kAvx512 ? &wgrad_avx512 : isa() == Isa::kAvx2 ? &wgrad_avx2
                                                                           : &wgrad_portable;
+    // A one-pixel 1x1 layer where the gather-dots would be mostly overhead (a few kept
+    // inputs per weight): the tile's dense rows, read on the support.
+    const bool one_pixel = g.H == 1 && g.W == 1 && g.KH == 1 && g.KW == 1 && S == 1;
+    const double kept_per_group = xq.numel() / double(g.NT * g.C);
+    const bool dense_rows = one_pixel && double(g.Co) * L * ((g.C + 15) / 16) <
+                                             double(nnz) * (kept_per_group + 4.0);
+    std::vector<float> rows, xt;
+    if (dense_rows) rows.resize(g.Co * g.C), xt.resize(L * g.C);
+    auto rows_fn = isa() == Isa::kAvx512 ? &rows_dense_avx512
+                 : isa() == Isa::kAvx2   ? &rows_dense_avx2
+                                         : &rows_dense_portable;
+    const int64_t qbase = (g.ph * Wq + g.pw) * L;  // the pixel's position (pixel_base)
     for (int64_t nt = 0; nt < g.NT; ++nt) {
+      if (dense_rows) {
+        std::fill(xt.begin(), xt.end(), 0.0f);
+        const int64_t* xp = xptr.data_ptr<int64_t>() + nt * g.C;
+        const int32_t* qq = xq.data_ptr<int32_t>();
+        const float* vv = xv.data_ptr<float>();
+        for (int64_t c = 0; c < g.C; ++c)
+          for (int64_t e = xp[c]; e < xp[c + 1]; ++e) xt[(qq[e] - qbase) * g.C + c] = vv[e];
+        rows_fn(dyp.data_ptr<float>() + nt * g.Co * L, xt.data(), g.Co, g.C,
+                std::min(L, g.N - nt * L), rows.data());
+        for (int64_t j = 0; j < nnz; ++j) dth[j] += rows[P.widx[j]];
+        continue;
+      }
       WgradArgs a{};
       a.dyp = dyp.data_ptr<float>() + nt * g.Co * Hq * Wq * L;
       a.xptr = xptr.data_ptr<int64_t>() + nt * g.C * S;
