@@ -40,12 +40,15 @@ FMNIST = ["fedavg", "fedavg-exp", "sparsyfed-95", "topk-95", "sparsyfed-99", "to
 DECENTRALIZED = ["diffusion", "consensus", "centralized"]
 AGNOSTIC = ["sgd-noise40", "sam-noise40", "agnostic_sam-noise40", "sgd-data10", "sam-data10",
             "agnostic_sam-data10"]
-# suite -> (start lrs, overrides of every sweep run, {swept config: configs using its lr})
+# suite -> (start lrs, overrides of every sweep run, {swept config: configs using its lr});
+# the lrs may be a list or {swept config: its list} (a method whose best lr sat at the edge
+# of the shared grid is swept one step further that way)
 SWEEPS = {
     "fmnist-lr": ([0.05, 0.1, 0.2, 0.5, 1.0],
                   ["client.lr_schedule=exponential", "client.lr_end=0.01"],
                   {"fedavg": [], "topk-95": [], "sparsyfed-95": [], "flash-95": []}),
-    "fmnist-resnet": ([0.05, 0.15, 0.5], [],
+    "fmnist-resnet": ({"fedavg": [0.05, 0.15, 0.5, 1.5], "sparsyfed-95": [0.05, 0.15, 0.5, 1.5],
+                       "topk-95": [0.015, 0.05, 0.15, 0.5]}, [],
                       {"fedavg": ["fedavg"], "sparsyfed-95": ["sparsyfed-95", "sparsyfed-90",
                                                               "sparsyfed-99"],
                        "topk-95": ["topk-95", "topk-90", "topk-99"]}),
@@ -204,11 +207,21 @@ def _stopped(out: Path, run: str) -> bool:
     return (out / run / "stopped.json").is_file()
 
 
+def sweep_lrs(suite: str, stem: str) -> list[float]:
+    lrs = SWEEPS[suite][0]
+    return lrs[stem] if isinstance(lrs, dict) else lrs
+
+
+def all_lrs(suite: str) -> list[float]:
+    lrs = SWEEPS[suite][0]
+    return sorted({lr for v in lrs.values() for lr in v}) if isinstance(lrs, dict) else lrs
+
+
 def best_lr(out: Path, suite: str, stem: str, seed: int) -> float | None:
     """The swept start lr with the highest last-10% test accuracy (a run that stopped,
     diverged, counts as the worst); None until all ran."""
     accs = {}
-    for lr in SWEEPS[suite][0]:
+    for lr in sweep_lrs(suite, stem):
         run = f"{stem}-lr{lr:g}-seed{seed}"
         summ = _summary(out, run)
         if summ is None and not _stopped(out, run):
@@ -219,10 +232,11 @@ def best_lr(out: Path, suite: str, stem: str, seed: int) -> float | None:
 
 def run_sweep_suite(suite: str, root: Path, out: Path, seeds: list[int], jobs: int,
                     only: list[str] | None) -> None:
-    lrs, sets, families = SWEEPS[suite]
+    _, sets, families = SWEEPS[suite]
     fams = {k: v for k, v in families.items() if not only or k in only}
     first = seeds[0]
-    sweep = [(root / f"{stem}.toml", first, lr) for stem in fams for lr in lrs]
+    sweep = [(root / f"{stem}.toml", first, lr) for stem in fams
+             for lr in sweep_lrs(suite, stem)]
     with ThreadPoolExecutor(jobs) as pool:
         for msg in pool.map(lambda j: run_one(*j[:2], out, j[2], sets), sweep):
             print(msg, flush=True)
@@ -253,8 +267,10 @@ def _row(out: Path, label: str, run: str, seeds: list[int]) -> str:
 
 
 def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
-    lrs, sets, families = SWEEPS[suite]
-    parts = [f"### Start-lr sweep (seed {seeds[0]}; test accuracy, last 10% of evals, %)",
+    _, sets, families = SWEEPS[suite]
+    lrs = all_lrs(suite)
+    parts = [f"### Start-lr sweep (seed {seeds[0]}; test accuracy, last 10% of evals, %; "
+             "· = not swept)",
              "| experiment | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
              "|---|" + "---|" * (len(lrs) + 1)]
     for stem in families:
@@ -262,6 +278,9 @@ def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
         for lr in lrs:
             run = f"{stem}-lr{lr:g}-seed{seeds[0]}"
             summ = _summary(out, run)
+            if lr not in sweep_lrs(suite, stem):
+                cells.append("·")
+                continue
             cells.append(f"{100 * summ['acc_tail_mean']:.1f}" if summ else
                          "diverged" if _stopped(out, run) else "—")
         best = best_lr(out, suite, stem, seeds[0])
