@@ -714,12 +714,22 @@ void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const c
 }
 
 // Nonzero weights outside the support: all nonzeros minus those at the plan's entries.
+// One read of the weight per forward (a ResNet-18 step: 45 MB, in parallel blocks).
 template <typename T>
 int64_t escapes_of(const T* w, int64_t numel, const Plan& P) {
-  int64_t nz = 0, in_s = 0;
-  for (int64_t i = 0; i < numel; ++i) nz += static_cast<float>(w[i]) != 0.0f;
-  for (const int64_t j : P.widx) in_s += static_cast<float>(w[j]) != 0.0f;
-  return nz - in_s;
+  constexpr int64_t kBlock = 1 << 16;
+  const int64_t nnz = static_cast<int64_t>(P.widx.size());
+  const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, blocks, grain(blocks, double(numel)), [&](int64_t b0, int64_t b1) {
+    int64_t nz = 0;
+    for (int64_t i = b0 * kBlock, e = std::min(numel, b1 * kBlock); i < e; ++i)
+      nz += static_cast<float>(w[i]) != 0.0f;
+    total += nz;
+  });
+  int64_t in_s = 0;
+  for (int64_t j = 0; j < nnz; ++j) in_s += static_cast<float>(w[P.widx[j]]) != 0.0f;
+  return total.load() - in_s;
 }
 
 // ---------------------------------------------------------------------------------------

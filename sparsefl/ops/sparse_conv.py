@@ -61,7 +61,7 @@ def _native(backend: str, tensors: Sequence[Tensor], op: str) -> bool:
 
 def pack_support(omega: Tensor, backend: str | None = None) -> Support:
     """The support (nonzeros) of omega, in both groupings the kernels read (definition:
-    sparsefl/ops/reference/sparse_conv.py; C++ on CPU tensors, ~100x less per call)."""
+    sparsefl/ops/reference/sparse_conv.py; C++ on CPU tensors: one pass, no sort)."""
     if isinstance(omega, Tensor) and omega.dim() in (2, 4) and _native(
             backend or "auto", [omega], "pack_support"):
         return Support(*torch.ops.sparsefl_C.pack_support(omega.detach()))
