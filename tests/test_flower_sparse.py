@@ -98,9 +98,12 @@ class Counting(Strategy):
 
     def __init__(self, inner: Strategy) -> None:
         self.inner, self.up, self.errors, self.replies = inner, 0, {}, {}
+        self.sampled: dict[int, set[int]] = {}
 
     def configure_train(self, r, arrays, config, grid):
-        return self.inner.configure_train(r, arrays, config, grid)
+        msgs = list(self.inner.configure_train(r, arrays, config, grid))
+        self.sampled[r] = {m.metadata.dst_node_id for m in msgs}
+        return msgs
 
     def aggregate_train(self, r, replies):
         replies = list(replies)
@@ -134,7 +137,8 @@ def simulate(mods=(), sparse: bool = False) -> dict:
         counting = Counting(wrapped)
         result = counting.start(grid, ArrayRecord(Net().state_dict()), num_rounds=ROUNDS)
         out.update(acc=central_evaluate(result.arrays), up=counting.up, strategy=wrapped,
-                   arrays=result.arrays, errors=counting.errors, replies=counting.replies)
+                   arrays=result.arrays, errors=counting.errors, replies=counting.replies,
+                   sampled=counting.sampled)
 
     run_simulation(server_app=server, client_app=client_app(mods), num_supernodes=NODES,
                    backend_config={"client_resources": {"num_cpus": 1},
@@ -171,13 +175,17 @@ def test_a_node_sending_garbage_is_dropped_not_aggregated():
 
     res = simulate([garbage, sparse_mod(density=0.05)], sparse=True)
     dropped = res["strategy"].dropped
-    # every round the garbage is refused by the decoder.  Under load a node can also fail
-    # outright or its reply miss the round (seen in round 1 on a busy 2-core machine):
-    # Flower then hands over an error reply or none, which is not aggregated either.
+    bad = {node for v in dropped.values() for node, _ in v}
+    assert len(bad) == 1  # one node's payloads are refused, always the same node
+    # Every round the garbage node is sampled, its payload is refused by the decoder; under
+    # load a node can also fail outright or its reply miss the round, and Flower then hands
+    # over an error reply or none, which is not aggregated either.  On a busy machine round
+    # 1 may start before every node connected and sample only some (seen in CI: 2 of 3).
     for r in range(1, ROUNDS + 1):
-        missing = NODES - res["replies"][r]
-        assert len(dropped.get(r, [])) + res["errors"][r] + missing == 1, (
-            r, dropped, res["errors"], res["replies"])
+        missing = len(res["sampled"][r]) - res["replies"][r]
+        refused = len(dropped.get(r, [])) + res["errors"][r] + missing
+        assert refused == (1 if bad <= res["sampled"][r] else 0), (
+            r, dropped, res["errors"], res["replies"], res["sampled"])
     assert len(dropped) >= ROUNDS - 1
     assert all("checksum" in v[0][1] for v in dropped.values())
     assert all(np.isfinite(a).all() for a in res["arrays"].to_numpy_ndarrays())
