@@ -10,6 +10,7 @@ ends where the dense path ends.  Plus the refusals and the support guard.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -189,6 +190,40 @@ def test_plans_follow_their_layers():
     del spec, twin
     with pytest.raises(ValueError, match="plan"):
         op(x, m.conv1.weight, None, 1.25, handle, -1, False)
+
+
+def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
+    """"auto" times a (shape, density) once and records the choice: a process that meets
+    it later (a resumed run, a Flower node) reads the record instead of timing again, so
+    it cannot take the other path near a tie."""
+    from sparsefl.nn import sparse_compute as spc
+
+    cache = tmp_path / "auto.json"
+    monkeypatch.setenv("SPARSEFL_AUTO_CACHE", str(cache))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    sample = torch.randn(8, 3, 16, 16)
+
+    def model():
+        m = _pruned_resnet(0.05)
+        set_activation_density(m)
+        return m
+
+    first = set_compute(model(), "auto", sample=sample)
+    table = json.loads(cache.read_text())
+    assert table and set(table.values()) <= {"sparse", "dense"}
+    # another process: nothing in memory; the record (flipped here, to see it is used)
+    cache.write_text(json.dumps({k: {"sparse": "dense", "dense": "sparse"}[v]
+                                 for k, v in table.items()}))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    timed = []
+    monkeypatch.setattr(spc, "_calibrate", lambda *a: timed.append(a) or (1.0, 1.0))
+    again = set_compute(model(), "auto", sample=sample)
+    assert not timed
+    assert again == {n: {"sparse": "dense", "dense": "sparse"}[c] for n, c in first.items()}
+    cache.write_text("not json")  # a broken record is timed afresh, never fails the run
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    set_compute(model(), "auto", sample=sample)
+    assert timed and json.loads(cache.read_text())
 
 
 def test_auto_calibrates_per_layer():

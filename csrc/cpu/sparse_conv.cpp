@@ -1135,20 +1135,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
     for (int64_t i = 0; i < n && need_eq > 0; ++i)
       if (keys[i] == ck && --need_eq == 0) tie = i;
   }
-  auto keep = [&](int64_t i) { return keys[i] > ck || (keys[i] == ck && i <= tie); };
+  // keep(i) as bytes, branch-free (the kept pattern is data: branches mispredict)
+  std::vector<uint8_t> km(n);
+  for (int64_t i = 0; i < n; ++i)
+    km[i] = static_cast<uint8_t>((keys[i] > ck) | ((keys[i] == ck) & (i <= tie)));
   auto ptr = at::empty({G + 1}, x.options().dtype(at::kLong));
   int64_t* pp = ptr.data_ptr<int64_t>();
   std::fill(pp, pp + G + 1, 0);
   for (int64_t r = 0; r < pg.N; ++r) {  // image r: its row of C inputs, groups of its tile
     int64_t* row = pp + (r / L) * C + 1;
-    for (int64_t c = 0; c < C; ++c) row[c] += keep(r * C + c);
+    const uint8_t* kr = km.data() + r * C;
+    for (int64_t c = 0; c < C; ++c) row[c] += kr[c];
   }
   for (int64_t g = 0; g < G; ++g) pp[g + 1] += pp[g];
-  TORCH_CHECK(k < 0 || pp[G] == k, op, ": internal error, kept ", pp[G], " of k = ", k);
-  auto q = at::empty({pp[G]}, x.options().dtype(at::kInt));
-  auto v = at::empty({pp[G]}, x.options().dtype(at::kFloat));
-  int32_t* qp = q.data_ptr<int32_t>();
-  float* vp = v.data_ptr<float>();
+  const int64_t kept = pp[G];
+  TORCH_CHECK(k < 0 || kept == k, op, ": internal error, kept ", kept, " of k = ", k);
+  // the entries in group order, written unconditionally one slot ahead (+1 slack)
+  std::vector<int32_t> qs(kept + 1);
+  std::vector<float> vs(kept + 1);
   const int32_t base = static_cast<int32_t>(pixel_base(pg));
   int64_t w = 0;
   for (int64_t nt = 0; nt < pg.NT; ++nt) {
@@ -1156,9 +1160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
     for (int64_t c = 0; c < C; ++c)
       for (int64_t lane = 0; lane < lanes; ++lane) {
         const int64_t i = (nt * L + lane) * C + c;
-        if (keep(i)) qp[w] = base + static_cast<int32_t>(lane), vp[w++] = vals[i];
+        qs[w] = base + static_cast<int32_t>(lane);
+        vs[w] = vals[i];
+        w += km[i];
       }
   }
+  auto q = at::empty({kept}, x.options().dtype(at::kInt));
+  auto v = at::empty({kept}, x.options().dtype(at::kFloat));
+  std::copy(qs.begin(), qs.begin() + kept, q.data_ptr<int32_t>());
+  std::copy(vs.begin(), vs.begin() + kept, v.data_ptr<float>());
   return {ptr, q, v};
 }
 

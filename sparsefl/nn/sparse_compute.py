@@ -14,8 +14,10 @@ the arithmetic is in docs/architecture.md).
   checks that no weight outside the packed support is nonzero and raises otherwise.
 - "auto": per layer, the faster of the two, measured once per (layer shape, input shape,
   density bucket) with a short calibration on random data of the real shapes and the
-  layer's real support, and cached for the process.  `sample` (a batch of inputs) gives
-  the input shapes; without it a layer calibrates at its first training forward.
+  layer's real support, and recorded for the machine (`auto_cache_path()`), so that every
+  process — a resumed run, each Flower node — takes the same path.  `sample` (a batch of
+  inputs) gives the input shapes; without it a layer calibrates at its first training
+  forward.
 
 Refused (ValueError), for "sparse": beta = 1 (a zero weight gets a gradient, the support
 may grow) unless `fixed_support=True` says a mask keeps it fixed (FLASH), grouped or
@@ -26,8 +28,13 @@ calibrated).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -255,13 +262,80 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 5) -> tuple[f
     return min(td), min(ts)
 
 
+def auto_cache_path() -> Path | None:
+    """Where "auto" keeps its decisions for this machine and build of the kernels:
+    $SPARSEFL_AUTO_CACHE, else ~/.cache/sparsefl/compute-auto-<build>.json (None: no
+    extension, nothing to decide)."""
+    env = os.environ.get("SPARSEFL_AUTO_CACHE")
+    if env:
+        return Path(env)
+    from sparsefl import _native
+
+    if _native.LOAD_ERROR is not None:
+        return None
+    import sparsefl._C as ext
+
+    st = os.stat(ext.__file__)  # a rebuilt extension decides afresh
+    build = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "sparsefl" / f"compute-auto-{build}.json"
+
+
+@contextlib.contextmanager
+def _locked_decisions():
+    """The machine's decisions (a JSON dict), under an exclusive file lock, written back
+    on exit; an in-memory dict when the file cannot be used (never fails a run)."""
+    path = auto_cache_path()
+    lock = None
+    try:
+        if path is None:
+            raise OSError("no cache")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "w")  # noqa: SIM115
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no fcntl (Windows): unlocked, still mostly consistent
+            pass
+        try:
+            table = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            table = {}
+    except OSError:
+        path, table = None, {}
+    before = dict(table)
+    try:
+        yield table
+    finally:
+        if path is not None and table != before:
+            try:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                pass
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
 def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
+    """Sparse or dense for this layer and input shape, measured once per machine: the
+    first process to meet a (shape, density bucket) times both paths and records the
+    choice; every later one, in any process, reads it.  The two paths agree to fp32
+    rounding, not bit for bit, so per-process timing would let a resumed run or a Flower
+    node take the other path near a tie and drift from an uninterrupted run."""
     key = _key(m, x_shape)
     if key not in _AUTO_CACHE:
-        td, ts = _calibrate(m, x_shape)
-        AUTO_TIMINGS[key] = (td, ts)
-        # sparse only when clearly faster: near a tie the dense path is the safe choice
-        _AUTO_CACHE[key] = "sparse" if ts < SPARSE_MARGIN * td else "dense"
+        with _locked_decisions() as table:
+            name = repr(key)
+            if table.get(name) in ("sparse", "dense"):
+                _AUTO_CACHE[key] = table[name]
+            else:
+                td, ts = _calibrate(m, x_shape)
+                AUTO_TIMINGS[key] = (td, ts)
+                # sparse only when clearly faster: near a tie the dense path is safer
+                _AUTO_CACHE[key] = table[name] = "sparse" if ts < SPARSE_MARGIN * td \
+                    else "dense"
     m.compute = _AUTO_CACHE[key]
     return m.compute
 
