@@ -901,66 +901,17 @@ __attribute__((noinline)) void scan_plane(const T* __restrict x, int64_t lanes, 
   max_out = std::max(max_out, mx);
 }
 
-// The same scan with AVX-512 compress for float inputs and unit column stride: 16 entries
-// per step, the kept ones compressed into the staging area (which has 16 floats of slack).
+// The same scan with AVX-512 compress for float inputs and column stride S = 1 or 2: 16
+// columns per step, the kept ones compressed into their phase's staging area (which has 16
+// floats of slack).  Column iw + j (iw a multiple of 16) has column phase (j + pw) % S and
+// grid column iw / S + (j + pw) / S; with S = 2 the 16 columns are 8 of each phase,
+// interleaved.  Entries land in the scalar scan's order (per phase: rows, then columns).
+template <int S>
 SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int64_t img,
                                   const PackGeom& p, int32_t* __restrict sq,
                                   float* __restrict sv, int64_t stage,
                                   int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
                                   int64_t& above_out, uint32_t& max_out) {
-#if defined(SFL_X86)
-
-  int64_t above = 0;
-  __m512i mxv = _mm512_setzero_si512();
-  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
-  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-  const __m512i step = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80,
-                                        64, 48, 32, 16, 0);
-  for (int64_t i = 0; i < lanes; ++i)
-    for (int64_t ih = 0; ih < p.H; ++ih) {
-      const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
-      const float* row = x + i * img + ih * p.W;
-      int32_t* __restrict qd = sq + a * stage;
-      float* __restrict vd = sv + a * stage;
-      int64_t n = cnt[a];
-      int32_t qv = static_cast<int32_t>((u * p.Wq + p.pw) * L + i);
-      int64_t iw = 0;
-      for (; iw + 16 <= p.W; iw += 16, qv += 16 * L) {
-        const __m512 v = _mm512_loadu_ps(row + iw);
-        const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
-        const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lov);
-        above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
-        mxv = _mm512_max_epu32(mxv, key);
-        _mm512_storeu_ps(vd + n, _mm512_maskz_compress_ps(keep, v));
-        _mm512_storeu_si512(qd + n, _mm512_maskz_compress_epi32(
-                                        keep, _mm512_add_epi32(_mm512_set1_epi32(qv), step)));
-        n += __builtin_popcount(keep);
-      }
-      uint32_t mx = 0;  // the tail, scalar
-      n = append_kept(row, iw, p.W, int64_t{1}, qv, qd, vd, n, lo, hi, above, mx);
-      mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
-      cnt[a] = n;
-    }
-  above_out += above;
-  alignas(64) uint32_t m16[16];
-  _mm512_store_si512(m16, mxv);
-  max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
-#else  // never selected off x86 (isa() is portable there): the scalar scan
-  scan_plane<float>(x, lanes, img, p, sq, sv, stage, cnt, lo, hi, above_out, max_out);
-#endif
-}
-
-// The same for column stride 2 (the strided 3x3 and 1x1 convs): 16 columns per step are
-// 8 of each column phase interleaved; each phase's kept entries are compressed into its own
-// staging area.  Column iw + j (iw a multiple of 16) has phase (j + pw) % 2 and grid column
-// iw / 2 + (j + pw) / 2.  Entries land in the scalar scan's order (per phase: rows, then
-// columns ascending).
-SFL_AVX512 void scan_plane_s2_avx512(const float* __restrict x, int64_t lanes, int64_t img,
-                                     const PackGeom& p, int32_t* __restrict sq,
-                                     float* __restrict sv, int64_t stage,
-                                     int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
-                                     int64_t& above_out, uint32_t& max_out) {
 #if defined(SFL_X86)
   int64_t above = 0;
   __m512i mxv = _mm512_setzero_si512();
@@ -968,18 +919,23 @@ SFL_AVX512 void scan_plane_s2_avx512(const float* __restrict x, int64_t lanes, i
   const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
   alignas(64) int32_t st[16];
-  for (int j = 0; j < 16; ++j) st[j] = static_cast<int32_t>(((j + p.pw) / 2) * L);
+  for (int j = 0; j < 16; ++j) st[j] = static_cast<int32_t>(((j + p.pw) / S) * L);
   const __m512i step = _mm512_load_si512(st);
-  // lanes j of phase b: (j + pw) % 2 == b
-  const __mmask16 even = 0x5555, odd = 0xAAAA;
-  const __mmask16 pmask[2] = {p.pw % 2 == 0 ? even : odd, p.pw % 2 == 0 ? odd : even};
+  __mmask16 pmask[S];  // lanes j of column phase b: (j + pw) % S == b
+  for (int b = 0; b < S; ++b) {
+    pmask[b] = 0;
+    for (int j = 0; j < 16; ++j)
+      if ((j + p.pw) % S == b) pmask[b] = static_cast<__mmask16>(pmask[b] | (1u << j));
+  }
   for (int64_t i = 0; i < lanes; ++i)
     for (int64_t ih = 0; ih < p.H; ++ih) {
       const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
       const float* row = x + i * img + ih * p.W;
-      int32_t* __restrict qd[2] = {sq + (a * 2) * stage, sq + (a * 2 + 1) * stage};
-      float* __restrict vd[2] = {sv + (a * 2) * stage, sv + (a * 2 + 1) * stage};
-      int64_t n[2] = {cnt[a * 2], cnt[a * 2 + 1]};
+      int32_t* qd[S];
+      float* vd[S];
+      int64_t n[S];
+      for (int b = 0; b < S; ++b)
+        qd[b] = sq + (a * S + b) * stage, vd[b] = sv + (a * S + b) * stage, n[b] = cnt[a * S + b];
       const int32_t qrow = static_cast<int32_t>(u * p.Wq * L + i);
       int64_t iw = 0;
       for (; iw + 16 <= p.W; iw += 16) {
@@ -989,8 +945,8 @@ SFL_AVX512 void scan_plane_s2_avx512(const float* __restrict x, int64_t lanes, i
         above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
         mxv = _mm512_max_epu32(mxv, key);
         const __m512i q = _mm512_add_epi32(
-            _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / 2) * L)), step);
-        for (int b = 0; b < 2; ++b) {
+            _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / S) * L)), step);
+        for (int b = 0; b < S; ++b) {
           const __mmask16 kb = keep & pmask[b];
           _mm512_storeu_ps(vd[b] + n[b], _mm512_maskz_compress_ps(kb, v));
           _mm512_storeu_si512(qd[b] + n[b], _mm512_maskz_compress_epi32(kb, q));
@@ -998,21 +954,19 @@ SFL_AVX512 void scan_plane_s2_avx512(const float* __restrict x, int64_t lanes, i
         }
       }
       uint32_t mx = 0;  // the tail, scalar, phase by phase
-      for (int b = 0; b < 2; ++b) {
-        const int64_t iw0 = iw + ((b - p.pw) % 2 + 2) % 2;  // first column >= iw of phase b
-        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / 2) * L + i);
-        n[b] = append_kept(row, iw0, p.W, int64_t{2}, qv, qd[b], vd[b], n[b], lo, hi, above,
-                           mx);
+      for (int b = 0; b < S; ++b) {
+        const int64_t iw0 = iw + ((b - p.pw) % S + S) % S;  // first column >= iw of phase b
+        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / S) * L + i);
+        cnt[a * S + b] = append_kept(row, iw0, p.W, int64_t{S}, qv, qd[b], vd[b], n[b], lo,
+                                     hi, above, mx);
       }
       mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
-      cnt[a * 2] = n[0];
-      cnt[a * 2 + 1] = n[1];
     }
   above_out += above;
   alignas(64) uint32_t m16[16];
   _mm512_store_si512(m16, mxv);
   max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
-#else
+#else  // never selected off x86 (isa() is portable there): the scalar scan
   scan_plane<float>(x, lanes, img, p, sq, sv, stage, cnt, lo, hi, above_out, max_out);
 #endif
 }
@@ -1029,13 +983,9 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
   for (int64_t f = 0; f < phases; ++f) cnt[f] = 0;
   bool done = false;
   if constexpr (std::is_same_v<T, float>) {
-    if (p.sw == 1 && isa() == Isa::kAvx512) {
-      scan_plane_avx512(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above,
-                        out.kmax);
-      done = true;
-    } else if (p.sw == 2 && isa() == Isa::kAvx512) {
-      scan_plane_s2_avx512(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above,
-                           out.kmax);
+    if (p.sw <= 2 && isa() == Isa::kAvx512) {
+      (p.sw == 1 ? scan_plane_avx512<1> : scan_plane_avx512<2>)(
+          x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
       done = true;
     }
   }
