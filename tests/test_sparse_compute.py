@@ -220,10 +220,12 @@ def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
     again = set_compute(model(), "auto", sample=sample)
     assert not timed
     assert again == {n: {"sparse": "dense", "dense": "sparse"}[c] for n, c in first.items()}
-    cache.write_text("not json")  # a broken record is timed afresh, never fails the run
-    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
-    set_compute(model(), "auto", sample=sample)
-    assert timed and json.loads(cache.read_text())
+    for broken in ("not json", "[]"):  # a broken record is timed afresh, never fails
+        cache.write_text(broken)
+        monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+        timed.clear()
+        set_compute(model(), "auto", sample=sample)
+        assert timed and isinstance(json.loads(cache.read_text()), dict)
 
 
 def test_auto_calibrates_per_layer():

@@ -301,6 +301,8 @@ def _locked_decisions():
             table = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             table = {}
+        if not isinstance(table, dict):
+            table = {}
     except OSError:
         path, table = None, {}
     before = dict(table)
