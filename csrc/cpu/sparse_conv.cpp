@@ -1052,9 +1052,10 @@ uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k) {
 // kept input is the pixel's base + its lane.
 int64_t pixel_base(const PackGeom& pg) { return (pg.ph * pg.Wq + pg.pw) * L; }
 
-// The one-pixel case for small inputs (a 16-image Linear layer: 1-2K entries), where the
-// general pack's machinery (bracket, chunks, candidates) costs more than the selection:
-// keys once, the exact cut by nth_element, then a count pass and a fill pass straight into
+// The one-pixel case (every input of a Linear layer): the general pack's machinery
+// (bracket, chunks, candidates) costs more than the selection on a 16-image batch's 1-2K
+// entries and buys nothing on large ones (one plane per channel, no parallel scan): keys
+// once, the exact cut by radix selection, then a count pass and a fill pass straight into
 // the outputs.  Same entries, order and tie rule as the general path.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& x, int64_t k,
                                                               const PackGeom& pg,
@@ -1131,8 +1132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   const at::Tensor x = x_in.contiguous();
   const int64_t G = pg.groups(), n = x.numel(), planes = pg.NT * pg.C;
   TORCH_CHECK_VALUE(k >= -1 && k <= n, op, ": k = ", k, " is outside [-1, ", n, "]");
-  if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1 && n <= 65536)
-    return pack_one_pixel(x, k, pg, op);
+  if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1) return pack_one_pixel(x, k, pg, op);
   std::vector<int64_t> counts(G, 0);
   std::vector<PackChunk> chunks;
   std::mutex mu;
@@ -1143,35 +1143,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       const T* xs = x.data_ptr<T>();
-      if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1) {
-        // One pixel per plane (a Linear layer): one chunk, groups (tile, channel), q = the
-        // pixel's base + lane.
-        const int32_t base = static_cast<int32_t>(pixel_base(pg));
-        PackChunk ch;
-        ch.t0 = 0;
-        ch.t1 = planes;
-        uint32_t mx = 0;
-        for (int64_t t = 0; t < planes; ++t) {
-          const int64_t nt = t / pg.C, c = t % pg.C, lanes = std::min(L, pg.N - nt * L);
-          const int64_t before = static_cast<int64_t>(ch.q.size());
-          for (int64_t i = 0; i < lanes; ++i) {
-            const float val = static_cast<float>(xs[(nt * L + i) * pg.C + c]);
-            const uint32_t key = magnitude_key(val);
-            mx = std::max(mx, key);
-            ch.above += key > hi;
-            if (key >= lo) {
-              if (track && key <= hi)
-                ch.cand.push_back({key, static_cast<int64_t>(ch.q.size())});
-              ch.q.push_back(base + static_cast<int32_t>(i));
-              ch.v.push_back(val);
-            }
-          }
-          counts[t] = static_cast<int64_t>(ch.q.size()) - before;
-        }
-        ch.kmax = mx;
-        chunks.push_back(std::move(ch));
-        return;
-      }
       at::parallel_for(0, planes, grain(planes, double(n)), [&](int64_t t0, int64_t t1) {
         PackChunk ch;
         ch.t0 = t0;
