@@ -12,7 +12,11 @@ forward + backward (input and weight gradients).  Modes, timed round-robin in on
             (what SparseProp's numbers are measured against)
     dense   set_compute(model, "dense"): today's Powerprop path (dense conv on theta,
             activation pruning by top-k compress)
-    sparse  set_compute(model, "sparse"): compute on the support (sparsefl.ops.sparse_conv)
+    sparse  set_compute(model, "sparse"): compute on the support (sparsefl.ops.sparse_conv);
+            a BatchNorm after a sparse layer recomputes its input in backward instead of
+            keeping it (sparsefl/nn/recompute.py)
+    keep    (client steps) set_compute(model, "sparse", recompute=False): the same, keeping
+            the BatchNorm inputs: what the recompute costs in time and saves in memory
     auto    set_compute(model, "auto"): per layer the faster, as calibrated
 
 FLOPs: dense = 2 x MACs x 3 passes (2 for the first layer, no input gradient); sparse =
@@ -204,6 +208,8 @@ def make_step(name: str, batch: int, density: float, mode: str):
             for cname, child in list(parent.named_children()):
                 if isinstance(child, POWERPROP):
                     setattr(parent, cname, _plain(child))
+    elif mode == "keep":
+        set_compute(model, "sparse", sample=x, recompute=False)
     else:
         set_compute(model, mode, sample=x)
     model.train()
@@ -216,7 +222,7 @@ def bench_steps(rounds: int, quick: bool) -> list[dict]:
     for name, batch in steps:
         for d in ((0.05,) if quick else DENSITIES):
             fns, choices = {}, {}
-            for mode in ("plain", "dense", "sparse", "auto"):
+            for mode in ("plain", "dense", "sparse", "keep", "auto"):
                 model, x, y = make_step(name, batch, d, mode)
                 fns[mode] = _step(model, x, y)
                 if mode == "auto":
@@ -269,7 +275,7 @@ def bench_memory(quick: bool) -> list[dict]:
     rows = []
     for name, batch in (STEPS[:1] if quick else STEPS):
         row = {"model": name, "batch": batch, "density": 0.05}
-        for mode in ("plain", "dense", "sparse"):
+        for mode in ("plain", "dense", "sparse", "keep"):
             row[mode] = step_memory(name, batch, 0.05, mode)
         rows.append(row)
     return rows
@@ -289,25 +295,29 @@ def _fmt_layers(rows: list[dict]) -> str:
 
 
 def _fmt_steps(rows: list[dict]) -> str:
-    out = ["| model | batch | sparsity | plain ms | dense ms | sparse ms | auto ms | "
-           "sparse vs dense | auto vs dense | auto: sparse layers |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| model | batch | sparsity | plain ms | dense ms | sparse ms | keep ms | auto ms | "
+           "sparse vs dense | keep vs dense | auto vs dense | auto: sparse layers |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['batch']} | {1 - r['density']:.0%} | "
                    f"{r['plain_ms']:.1f} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | "
+                   f"{r['keep_ms']:.1f} | "
                    f"{r['auto_ms']:.1f} | {r['dense_ms'] / r['sparse_ms']:.2f}x | "
+                   f"{r['dense_ms'] / r['keep_ms']:.2f}x | "
                    f"{r['dense_ms'] / r['auto_ms']:.2f}x | "
                    f"{r['auto_sparse_layers']}/{r['layers']} |")
     return "\n".join(out)
 
 
 def _fmt_memory(rows: list[dict]) -> str:
-    out = ["| model | batch | sparsity | plain MB | dense MB | sparse MB | sparse / dense | "
-           "sparse / plain |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| model | batch | sparsity | plain MB | dense MB | sparse MB | keep MB | "
+           "sparse / dense | keep / dense | sparse / plain |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        p, d, s = (r[k]["total_mb"] for k in ("plain", "dense", "sparse"))
+        p, d, s, k = (r[m]["total_mb"] for m in ("plain", "dense", "sparse", "keep"))
         out.append(f"| {r['model']} | {r['batch']} | {1 - r['density']:.0%} | {p:.0f} | "
-                   f"{d:.0f} | {s:.0f} | {s / d:.2f} | {s / p:.2f} |")
+                   f"{d:.0f} | {s:.0f} | {k:.0f} | {s / d:.3f} | {k / d:.3f} | "
+                   f"{s / p:.2f} |")
     return "\n".join(out)
 
 

@@ -180,6 +180,7 @@ class _PowerpropMixin:
         self.compute = "dense"
         self._spec = None  # sparse_compute._Spec: the packed support and geometry
         self._checked = None  # (weight version, pointer) at the last support check
+        self._recompute = False  # sparse path: normalization recomputes our output
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsefl.nn import recompute as saved
 from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
     POWERPROP,
@@ -181,10 +182,25 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
         # checks the support itself (as _check_support)
         k = act_keep(m, x) if prune else -1
         train = torch.is_grad_enabled() and m.weight.requires_grad
-        return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id, k,
-                                                 train)
-    _check_support(m)
-    return _SparseLayer.apply(x, m.weight, m.bias, m, prune)
+        y = torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id, k,
+                                              train)
+    else:
+        _check_support(m)
+        y = _SparseLayer.apply(x, m.weight, m.bias, m, prune)
+    if m._recompute and y.requires_grad:
+        saved.note_output(m, x, y)
+    return y
+
+
+def forward_only(m: nn.Module, x: Tensor) -> Tensor:
+    """The sparse layer's output without autograd or activation pruning: what the
+    training forward computed, bit for bit (recompute.py)."""
+    sp: _Spec = m._spec
+    with torch.no_grad():
+        if sp.native:
+            return torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id,
+                                                     -1, False)
+        return _SparseLayer.apply(x, m.weight, m.bias, m, False)
 
 
 def _check_support(m: nn.Module) -> None:
@@ -377,10 +393,13 @@ def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int
 
 def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 fixed_support: bool = False, strict: bool = True,
-                backend: str | None = None) -> dict[str, str]:
+                backend: str | None = None, recompute: bool = True) -> dict[str, str]:
     """Switch every Powerprop layer of `model` to dense or sparse compute (see the module
     docstring); returns each layer's choice.  strict=False: in "sparse" mode, layers that
-    cannot compute sparse stay dense instead of raising (the engine's FLASH round 1)."""
+    cannot compute sparse stay dense instead of raising (the engine's FLASH round 1).
+    recompute: a BatchNorm after a sparse layer keeps a reference to the layer's input
+    instead of its output, recomputed in backward (sparsefl/nn/recompute.py: less memory
+    for one more sparse forward)."""
     if mode not in MODES:
         raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
     from sparsefl.ops import _backend
@@ -393,7 +412,9 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 raise ValueError(f"set_compute: layer {n or type(m).__name__} cannot compute "
                                  f"sparse: {why}")
     choice: dict[str, str] = {}
+    saved.uninstall(model)
     for _, m in layers:
+        m._recompute = False
         if mode == "dense" or unsupported(m, fixed_support) is not None:
             m.compute, m._spec = "dense", None
         else:
@@ -410,7 +431,46 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 _decide(m, shape)
     for n, m in layers:
         choice[n] = m.compute
+    if recompute and mode != "dense":
+        chosen = _recompute_layers(model, [m for _, m in layers if m.compute != "dense"],
+                                   sample)
+        for m in chosen:
+            m._recompute = True
+        if chosen:
+            saved.install(model)
     return choice
+
+
+def _recompute_layers(model: nn.Module, layers: list[nn.Module],
+                      sample: Tensor | None) -> list[nn.Module]:
+    """The sparse layers whose outputs a BatchNorm after them recomputes (recompute.py).
+    None without a BatchNorm in the model.  With a sample batch, only the layers whose
+    output per sample is at least half the largest: backward's memory peaks while the
+    early, large activations are still saved, so recomputing the small late outputs
+    would cost as much arithmetic (a ResNet's stages have equal FLOPs) and lower memory
+    only where it is not at its peak.  Without a sample, all."""
+    if not layers or not any(isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                             for mod in model.modules()):
+        return []
+    if sample is None:
+        return layers
+    shapes = _input_shapes(model, sample)
+    size = {}
+    for m in layers:
+        shape = shapes.get(m)
+        if shape is None:  # not reached by the sample's forward
+            continue
+        if isinstance(m, PowerpropConv2d):
+            kernel, stride, padding = _geometry(m)
+            hw = [(shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1
+                  for i in range(2)]
+            size[m] = m.out_channels * hw[0] * hw[1]
+        else:
+            size[m] = m.out_features
+    if not size:
+        return []
+    largest = max(size.values())
+    return [m for m, n in size.items() if 2 * n >= largest]
 
 
 def compute_summary(choice: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""Recomputed normalization inputs (sparsefl/nn/recompute.py): the sparse path drops the
+outputs of its layers that a BatchNorm would keep, recomputes them in backward, and gets
+bit for bit the gradients it gets when it keeps them."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsefl import _native, ops
+from sparsefl.models.resnet import ResNet18
+from sparsefl.nn import PowerpropConv2d, set_activation_density, set_compute, sparsify
+from sparsefl.nn import recompute as rc
+from sparsefl.nn.powerprop import POWERPROP
+
+pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),
+                                reason=f"native extension not loaded: {_native.LOAD_ERROR}")
+
+
+def _pruned_resnet(density=0.1):
+    torch.manual_seed(0)
+    m = sparsify(ResNet18((3, 16, 16), 10, 8), 1.25)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+    return m
+
+
+def _step(m, x, y):
+    m.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in m.parameters()], \
+        [b.clone() for b in m.buffers()]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("pruning", [False, True])
+def test_same_gradients_bit_for_bit(backend, pruning):
+    m = _pruned_resnet()
+    set_activation_density(m, enabled=pruning)
+    m2 = copy.deepcopy(m)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    set_compute(m, "sparse", backend=backend)
+    set_compute(m2, "sparse", backend=backend, recompute=False)
+    assert rc.installed(m) and not rc.installed(m2)
+    for _ in range(2):  # two steps: running statistics updated once per forward
+        a, b = _step(m, x, y), _step(m2, x, y)
+        assert torch.equal(a[0], b[0])
+        assert all(torch.equal(g, h) for g, h in zip(a[1], b[1]))
+        assert all(torch.equal(g, h) for g, h in zip(a[2], b[2]))
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = PowerpropConv2d(4, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _conv_output_kept(recompute: bool) -> bool:
+    torch.manual_seed(0)
+    m = ConvBN()
+    set_compute(m, "sparse", recompute=recompute)
+    refs = []
+    m.conv.register_forward_hook(lambda mod, a, out: refs.append(weakref.ref(out)))
+    out = m(torch.randn(2, 4, 6, 6))
+    gc.collect()
+    kept = refs[0]() is not None
+    out.sum().backward()  # and backward still works
+    assert m.conv.weight.grad is not None
+    return kept
+
+
+def test_conv_output_is_dropped():
+    assert _conv_output_kept(recompute=False)
+    assert not _conv_output_kept(recompute=True)
+
+
+def test_input_modified_in_place_is_refused():
+    torch.manual_seed(0)
+    m = ConvBN()
+    set_compute(m, "sparse")
+    x = torch.randn(2, 4, 6, 6)
+    out = m(x)
+    x.mul_(2)  # nothing else keeps x: only the recompute would notice
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()
+
+
+def test_dense_mode_removes_the_hooks_and_copies_keep_working():
+    m = _pruned_resnet()
+    set_compute(m, "sparse")
+    assert rc.installed(m)
+    c = copy.deepcopy(m)
+    assert rc.installed(c)
+    set_compute(c, "dense")
+    assert not rc.installed(c) and rc.installed(m)
+    set_compute(m, "sparse")  # again: hooks not stacked
+    bn = m.bn1
+    assert sum(h is rc._bn_enter for h in bn._forward_pre_hooks.values()) == 1
+    set_compute(m, "dense")
+    assert not rc.installed(m)
+
+
+def test_eval_and_no_grad_note_nothing():
+    m = _pruned_resnet()
+    set_compute(m, "sparse")
+    rc._NOTED.clear()
+    m.eval()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 16, 16))
+    assert not rc._NOTED
+    set_compute(m, "dense")
+
+
+def test_which_layers_recompute():
+    """With a sample batch: the layers whose output is at least half the largest (the
+    stem and the first two stages of a ResNet); none in a model without BatchNorm."""
+    m = _pruned_resnet()
+    set_compute(m, "sparse", sample=torch.randn(2, 3, 16, 16))
+    chosen = {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)}
+    stage = {n: (int(n.split(".")[1]) // 2 if n.startswith("layers.") else -1)
+             for n, mod in m.named_modules() if isinstance(mod, POWERPROP)}
+    assert chosen == {n for n, s in stage.items() if s <= 1 and n != "linear"}
+    from sparsefl.models.mlp import MLP
+
+    mlp = sparsify(MLP((20,), 4, [16, 16]), 1.25)
+    set_compute(mlp, "sparse", sample=torch.randn(3, 20))
+    assert not rc.installed(mlp)
+    assert not any(getattr(mod, "_recompute", False) for mod in mlp.modules())
