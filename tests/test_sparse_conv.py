@@ -36,6 +36,7 @@ SHAPES = [
     (17, 3, 5, 16, 32, 1, 2, 0),     # stride 2, no padding: the other column phase first
     (2100, 40, 3, 1, 1, 1, 1, 0),    # Linear past the small-input pack (84,000 inputs)
     (3, 4, 5, 11, 10, 5, 3, 2),      # 5x5, stride 3: nine phases
+    (16, 4, 8, 32, 32, 3, 2, 1),     # ResNet's strided 3x3 at 32: dx merged 8 columns at a time
 ]
 DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

@@ -455,6 +455,68 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   }
 }
 
+// The input gradient of a column-stride-2 conv, both column phases of one row phase in one
+// pass.  Written phase by phase, each pass would fill every other column of dx: 8 scalar
+// stores per lane and pixel run, every cache line of dx written twice (half of a stride-2
+// layer's backward).  Here grid pixel v of the even phase (e) and of the odd phase (o) are
+// output columns 2v and 2v + 1: each run of 8 grid pixels of both phases is transposed in
+// 8-column groups and stored as contiguous rows.  Needs a float output, grids 4k wide
+// (a group of 4 grid pixels stays in one row) and OW = 2 GW; the caller checks.
+template <typename V, int R>
+SFL_INLINE void conv_tasks_pair(const ConvArgs& e, const ConvArgs& o, int64_t lo, int64_t hi) {
+  static_assert(R == 8, "the paired write merges runs of 8");
+  alignas(64) float be[R * L], bo[R * L];
+  float* out = static_cast<float*>(e.out);
+  const int64_t blocks = (e.GH + e.rows_per_task - 1) / e.rows_per_task;
+  const int64_t grid = e.GH * e.GW, plane = e.OH * e.OW, img = e.Cout * plane;
+  std::vector<int64_t> boe, boo, opix;  // per grid pixel; opix: output of its 4-group
+  for (int64_t t = lo; t < hi; ++t) {
+    const int64_t nt = t / blocks, rb = t % blocks;
+    const int64_t p0 = rb * e.rows_per_task * e.GW;
+    const int64_t p1 = std::min(grid, p0 + e.rows_per_task * e.GW);
+    const float* tile = e.in + nt * e.in_tile;
+    const int64_t lanes = std::min(L, e.N - nt * L);
+    float* ot = out + nt * L * img;
+    boe.resize(p1 - p0);
+    boo.resize(p1 - p0);
+    opix.resize(p1 - p0);
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t u = q / e.GW, v = q - u * e.GW;
+      const int64_t row = (e.iy0 + u * e.sy) * e.in_row;
+      boe[q - p0] = row + (e.ix0 + v * e.sx) * L;
+      boo[q - p0] = row + (o.ix0 + v * o.sx) * L;
+      opix[q - p0] = (e.oy0 + u * e.osy) * e.OW + 2 * v;
+    }
+    for (int64_t co = 0; co < e.Cout; ++co) {
+      float* oc = ot + co * plane;
+      for (int64_t p = p0; p < p1; p += R) {
+        const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));  // 4 or 8
+        const int64_t k = p - p0;
+        if (n == R) {
+          conv_run<V, R>(tile, boe.data() + k, e.off, e.val, e.ptr[co], e.ptr[co + 1], 0.f, be);
+          conv_run<V, R>(tile, boo.data() + k, o.off, o.val, o.ptr[co], o.ptr[co + 1], 0.f, bo);
+        } else {
+          conv_run_tail<V>(tile, boe.data() + k, e.off, e.val, e.ptr[co], e.ptr[co + 1], 0.f,
+                           be, n);
+          conv_run_tail<V>(tile, boo.data() + k, o.off, o.val, o.ptr[co], o.ptr[co + 1], 0.f,
+                           bo, n);
+        }
+        for (int g = 0; g < n; g += 4)
+          for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
+            v8 r[8];
+            for (int i = 0; i < 4; ++i) {
+              r[2 * i] = vload<v8>(be + (g + i) * L + l0);
+              r[2 * i + 1] = vload<v8>(bo + (g + i) * L + l0);
+            }
+            transpose8(r);  // r[i] = lane l0 + i over 8 consecutive output columns
+            const int64_t nl = std::min<int64_t>(8, lanes - l0);
+            for (int64_t i = 0; i < nl; ++i) vstore(oc + (l0 + i) * img + opix[k + g], r[i]);
+          }
+      }
+    }
+  }
+}
+
 // One ISA-specific entry point per kernel and dtype: the template body is inlined into a
 // function compiled for that ISA.
 // Elsewhere (aarch64) they are plain functions that isa() never selects.
@@ -477,6 +539,10 @@ SFL_AVX2 void conv_tasks_avx2(const ConvArgs& a, int64_t lo, int64_t hi) {
 template <typename T>
 void conv_tasks_portable(const ConvArgs& a, int64_t lo, int64_t hi) {
   conv_tasks<v4, 2, T>(a, lo, hi);
+}
+SFL_AVX512 void conv_tasks_pair_avx512(const ConvArgs& e, const ConvArgs& o, int64_t lo,
+                                       int64_t hi) {
+  conv_tasks_pair<v16, 8>(e, o, lo, hi);
 }
 
 template <typename T>
@@ -546,6 +612,23 @@ void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* d
                                                                              int64_t hi) {
     fn(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
   });
+}
+
+// The paired pass for column phases e (even output columns) and o (odd), if it applies:
+// AVX-512 (runs of 8), float output, the same rows, grids 4k wide filling OW = 2 GW.
+bool run_conv_pair(const ConvArgs& e, const ConvArgs& o, bool float_out) {
+  if (isa() != Isa::kAvx512 || !float_out || e.GH != o.GH || e.GW != o.GW ||
+      e.iy0 != o.iy0 || e.oy0 != o.oy0 || e.ox0 != 0 || o.ox0 != 1 || e.osx != 2 ||
+      o.osx != 2 || e.osy != o.osy || e.GW % 4 != 0 || e.OW != 2 * e.GW ||
+      e.rows_per_task != o.rows_per_task || e.bias || o.bias)
+    return false;
+  const int64_t tasks = e.NT * ((e.GH + e.rows_per_task - 1) / e.rows_per_task);
+  const double work = double(e.NT) * e.GH * e.GW * L *
+                      (e.ptr[e.Cout] - e.ptr[0] + o.ptr[o.Cout] - o.ptr[0] + 2 * e.Cout);
+  at::parallel_for(0, tasks, grain(tasks, work), [&](int64_t lo, int64_t hi) {
+    conv_tasks_pair_avx512(e, o, lo, hi);
+  });
+  return true;
 }
 
 template <typename T>
@@ -1534,27 +1617,41 @@ std::tuple<at::Tensor, at::Tensor> backward_planned(
     });
     // Every dx pixel belongs to exactly one phase; a phase without taps writes zeros.
     dx = at::empty(x_shape, dy.options());
-    for (int64_t a_ = 0; a_ < g.sh; ++a_)
+    // phase (a_, b_) as a convolution of dyp; false if it has no dx pixel
+    auto phase = [&](int64_t a_, int64_t b_, ConvArgs& a) {
+      const int64_t u0 = a_ >= g.ph ? 0 : (g.ph - a_ + g.sh - 1) / g.sh;
+      const int64_t v0 = b_ >= g.pw ? 0 : (g.pw - b_ + g.sw - 1) / g.sw;
+      const int64_t ih0 = u0 * g.sh + a_ - g.ph, iw0 = v0 * g.sw + b_ - g.pw;
+      if (ih0 >= g.H || iw0 >= g.W) return false;
+      a = ConvArgs{};
+      a.in = dyp.data_ptr<float>();
+      a.in_tile = g.Co * Hq * Wq * L;
+      a.in_row = Wq * L;
+      a.iy0 = u0; a.ix0 = v0; a.sy = 1; a.sx = 1;
+      a.ptr = P.pptr.data() + (a_ * g.sw + b_) * (g.C + 1);
+      a.off = P.poff.data(); a.val = pval.data(); a.bias = nullptr;
+      a.Cout = g.C; a.N = g.N; a.NT = g.NT;
+      a.GH = (g.H - 1 - ih0) / g.sh + 1; a.GW = (g.W - 1 - iw0) / g.sw + 1;
+      a.OH = g.H; a.OW = g.W;
+      a.oy0 = ih0; a.ox0 = iw0; a.osy = g.sh; a.osx = g.sw;
+      a.rows_per_task = std::max<int64_t>(1, (8 + a.GW - 1) / a.GW);
+      a.out = dx.data_ptr();
+      return true;
+    };
+    const bool float_out = dy.scalar_type() == at::kFloat;
+    for (int64_t a_ = 0; a_ < g.sh; ++a_) {
+      if (g.sw == 2) {  // both column phases in one pass when they tile the rows
+        ConvArgs p0{}, p1{};
+        if (phase(a_, 0, p0) && phase(a_, 1, p1) &&
+            (p0.ox0 == 0 ? run_conv_pair(p0, p1, float_out) : run_conv_pair(p1, p0, float_out)))
+          continue;
+      }
       for (int64_t b_ = 0; b_ < g.sw; ++b_) {
-        const int64_t u0 = a_ >= g.ph ? 0 : (g.ph - a_ + g.sh - 1) / g.sh;
-        const int64_t v0 = b_ >= g.pw ? 0 : (g.pw - b_ + g.sw - 1) / g.sw;
-        const int64_t ih0 = u0 * g.sh + a_ - g.ph, iw0 = v0 * g.sw + b_ - g.pw;
-        if (ih0 >= g.H || iw0 >= g.W) continue;
         ConvArgs a{};
-        a.in = dyp.data_ptr<float>();
-        a.in_tile = g.Co * Hq * Wq * L;
-        a.in_row = Wq * L;
-        a.iy0 = u0; a.ix0 = v0; a.sy = 1; a.sx = 1;
-        a.ptr = P.pptr.data() + (a_ * g.sw + b_) * (g.C + 1);
-        a.off = P.poff.data(); a.val = pval.data(); a.bias = nullptr;
-        a.Cout = g.C; a.N = g.N; a.NT = g.NT;
-        a.GH = (g.H - 1 - ih0) / g.sh + 1; a.GW = (g.W - 1 - iw0) / g.sw + 1;
-        a.OH = g.H; a.OW = g.W;
-        a.oy0 = ih0; a.ox0 = iw0; a.osy = g.sh; a.osx = g.sw;
-        a.rows_per_task = std::max<int64_t>(1, (8 + a.GW - 1) / a.GW);
-        a.out = dx.data_ptr();
+        if (!phase(a_, b_, a)) continue;
         dispatch_float_dtype(dy.scalar_type(), op, [&](auto tag) { run_conv<decltype(tag)>(a); });
       }
+    }
   }
   if (need_dw) {
     dw = at::zeros_like(omega);
