@@ -376,6 +376,41 @@ SFL_INLINE void conv_run(const float* tile, const int64_t* boff, const int64_t* 
     for (int v = 0; v < NV; ++v) vstore(buf + r * L + v * VL, acc[r][v]);
 }
 
+// conv_run for a run whose pixels are SX pixels apart in the tile (boff[r] = r SX 16 past
+// `base`; the caller checks): the R loads per weight are one address plus fixed
+// displacements, where eight independent offsets ran out of registers and cost more
+// address arithmetic than the FMAs they feed.
+template <typename V, int R, int SX>
+SFL_INLINE void conv_run_row(const float* base, const int64_t* off, const float* val,
+                             int64_t j0, int64_t j1, float b, float* buf) {
+  constexpr int NV = L / (sizeof(V) / sizeof(float));
+  constexpr int VL = L / NV;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vbroadcast<V>(b);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* p = base + off[j];
+    const V w = vbroadcast<V>(val[j]);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += w * vload<V>(p + r * SX * L + v * VL);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(buf + r * L + v * VL, acc[r][v]);
+}
+
+// A full run of R pixels: the fixed-displacement loop when the pixels are evenly spaced
+// at column stride 1 or 2 (a run inside one row), the general one otherwise.
+template <typename V, int R>
+SFL_INLINE void conv_run_any(const float* tile, const int64_t* boff, int64_t sx,
+                             const int64_t* off, const float* val, int64_t j0, int64_t j1,
+                             float b, float* buf) {
+  const int64_t span = boff[R - 1] - boff[0];
+  if (span == (R - 1) * L) conv_run_row<V, R, 1>(tile + boff[0], off, val, j0, j1, b, buf);
+  else if (span == 2 * (R - 1) * L && sx == 2)
+    conv_run_row<V, R, 2>(tile + boff[0], off, val, j0, j1, b, buf);
+  else conv_run<V, R>(tile, boff, off, val, j0, j1, b, buf);
+}
+
 template <typename V>
 SFL_INLINE void conv_run_tail(const float* tile, const int64_t* boff, const int64_t* off,
                               const float* val, int64_t j0, int64_t j1, float b, float* buf,
@@ -447,7 +482,7 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
         const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));
         const int64_t* boff = boffs.data() + (p - p0);
         const int64_t* opix = opixs.data() + (p - p0);
-        if (n == R) conv_run<V, R>(tile, boff, a.off, a.val, j0, j1, b, buf);
+        if (n == R) conv_run_any<V, R>(tile, boff, a.sx, a.off, a.val, j0, j1, b, buf);
         else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
         write_pixels<R, T>(buf, n, lanes, oc, img, opix, dense_out);
       }
@@ -493,8 +528,10 @@ SFL_INLINE void conv_tasks_pair(const ConvArgs& e, const ConvArgs& o, int64_t lo
         const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));  // 4 or 8
         const int64_t k = p - p0;
         if (n == R) {
-          conv_run<V, R>(tile, boe.data() + k, e.off, e.val, e.ptr[co], e.ptr[co + 1], 0.f, be);
-          conv_run<V, R>(tile, boo.data() + k, o.off, o.val, o.ptr[co], o.ptr[co + 1], 0.f, bo);
+          conv_run_any<V, R>(tile, boe.data() + k, e.sx, e.off, e.val, e.ptr[co], e.ptr[co + 1],
+                             0.f, be);
+          conv_run_any<V, R>(tile, boo.data() + k, o.sx, o.off, o.val, o.ptr[co], o.ptr[co + 1],
+                             0.f, bo);
         } else {
           conv_run_tail<V>(tile, boe.data() + k, e.off, e.val, e.ptr[co], e.ptr[co + 1], 0.f,
                            be, n);
