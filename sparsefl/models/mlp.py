@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
+
+from sparsefl.nn.sparse_compute import chain_forward
 
 
 class MLP(nn.Sequential):
@@ -18,3 +20,11 @@ class MLP(nn.Sequential):
             width = h
         layers.append(nn.Linear(width, num_classes))
         super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # sparse compute (set_compute): the whole chain as one op when it applies
+        if "_sparse_chain" in self.__dict__:
+            y = chain_forward(self, x)
+            if y is not None:
+                return y
+        return super().forward(x)

@@ -49,6 +49,7 @@ from sparsefl.nn.powerprop import (
     act_prune_seconds,
 )
 from sparsefl.ops import sparse_conv as sc
+from sparsefl.ops.reference.topk import keep_count
 
 MODES = ("dense", "sparse", "auto")
 
@@ -190,6 +191,58 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
     if m._recompute and y.requires_grad:
         saved.note_output(m, x, y)
     return y
+
+
+_NO_BIAS = torch.empty(0)
+
+
+def _chain_layers(model: nn.Module) -> tuple[tuple[nn.Module, ...], bool] | None:
+    """The Powerprop Linear layers of a model that is exactly [Flatten], Linear, (ReLU,
+    Linear)*, and whether it flattens: its forward can run as one sparse_chain op."""
+    kids = list(model.children())
+    flat = bool(kids) and isinstance(kids[0], nn.Flatten) and kids[0].start_dim == 1 and \
+        kids[0].end_dim == -1
+    kids = kids[1:] if flat else kids
+    if not kids or len(kids) % 2 == 0:
+        return None
+    for i, k in enumerate(kids):
+        if not isinstance(k, POWERPROP[0] if i % 2 == 0 else nn.ReLU):
+            return None
+    return tuple(kids[::2]), flat
+
+
+def _hooked(mods: tuple[nn.Module, ...]) -> bool:
+    from torch.nn.modules import module as nnm
+
+    return bool(nnm._global_forward_hooks or nnm._global_forward_pre_hooks or any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+        or m._backward_pre_hooks for m in mods))
+
+
+def chain_forward(model: nn.Module, x: Tensor) -> Tensor | None:
+    """The model's whole forward as one C++ op (torch.ops.sparsefl_C.sparse_chain) when it
+    is a chain of sparse Powerprop Linear layers and ReLUs (set_compute found it), every
+    layer computes sparse in C++ and no hook watches a layer; None otherwise (the caller
+    runs the modules one by one).  The same numbers as the layer-by-layer path."""
+    chain = model.__dict__.get("_sparse_chain")
+    if chain is None or x.dim() < 2:
+        return None
+    layers, flat, mods = chain
+    if not flat and x.dim() != 2:
+        return None
+    for m in layers:
+        if m.compute != "sparse" or not m._spec.native:
+            return None
+    if _hooked(mods):
+        return None
+    n = x.shape[0]
+    x2 = x.reshape(n, -1)
+    ks = [keep_count(n * m.in_features, m.act_density) if m._pruning() else -1
+          for m in layers]
+    return torch.ops.sparsefl_C.sparse_chain(
+        x2, [m.weight for m in layers], [_NO_BIAS if m.bias is None else m.bias for m in layers],
+        [m.beta for m in layers], [m._spec.plan_id for m in layers], ks,
+        torch.is_grad_enabled())
 
 
 def forward_only(m: nn.Module, x: Tensor) -> Tensor:
@@ -431,6 +484,10 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 _decide(m, shape)
     for n, m in layers:
         choice[n] = m.compute
+    model.__dict__.pop("_sparse_chain", None)
+    chain = _chain_layers(model) if mode != "dense" else None
+    if chain and all(m.compute != "dense" and m._spec.native for m in chain[0]):
+        model.__dict__["_sparse_chain"] = (*chain, (model, *model.children()))
     if recompute and mode != "dense":
         chosen = _recompute_layers(model, [m for _, m in layers if m.compute != "dense"],
                                    sample)
