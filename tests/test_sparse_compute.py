@@ -275,3 +275,90 @@ def test_mlp_default_model_sparse():
     torch.manual_seed(0)
     m = sparsify(MLP((1, 8, 8), 10, (16, 16)), 1.25)
     assert set(set_compute(m, "sparse").values()) == {"sparse"}
+
+
+# -- an MLP's forward as one op (torch.ops.sparsefl_C.sparse_chain) -----------------------
+
+def _pruned_mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0):
+    torch.manual_seed(seed)
+    m = MLP((1, 6, 6), 5, hidden)
+    if not bias:
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.bias = None
+    m = sparsify(m, 1.25)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+                mod.act_density = act
+    return m
+
+
+def _step_grads(m, x, y):
+    m.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(m(x), y)
+    loss.backward()
+    return loss.detach(), [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("hidden", [(16, 12), (20,), (9, 8, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", [1.0, 0.4])
+@pytest.mark.parametrize("batch", [1, 16, 35])
+def test_chain_equals_layer_by_layer(hidden, bias, act, batch):
+    """The chain op is the layers' own ops in one call: bit for bit the same loss and
+    gradients as the layer-by-layer sparse path."""
+    m = _pruned_mlp(hidden, bias, act=act)
+    set_compute(m, "sparse")
+    assert "_sparse_chain" in m.__dict__
+    ref = copy.deepcopy(m)
+    ref.__dict__.pop("_sparse_chain")
+    x, y = torch.randn(batch, 1, 6, 6), torch.randint(0, 5, (batch,))
+    la, ga = _step_grads(m, x, y)
+    lb, gb = _step_grads(ref, x, y)
+    assert torch.equal(la, lb)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    m.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), ref(x))
+
+
+def test_chain_steps_aside_for_hooks_and_replaced_weights():
+    m = _pruned_mlp()
+    set_compute(m, "sparse")
+    x = torch.randn(4, 1, 6, 6)
+    from sparsefl.nn.sparse_compute import chain_forward
+
+    assert chain_forward(m, x) is not None
+    seen = []
+    h = m[1].register_forward_hook(lambda mod, a, out: seen.append(out.shape))
+    assert chain_forward(m, x) is None
+    m(x)
+    assert seen == [torch.Size([4, 16])]  # the hook saw its layer run
+    h.remove()
+    m[3].weight = nn.Parameter(m[3].weight.detach().clone())  # same support, new tensor
+    assert chain_forward(m, x) is None  # not the weight the chain was built on
+    m(x).sum().backward()
+    assert m[3].weight.grad is not None
+    set_compute(m, "dense")
+    assert "_sparse_chain" not in m.__dict__
+
+
+def test_chain_refuses_bad_arguments():
+    m = _pruned_mlp()
+    set_compute(m, "sparse")
+    ls = [m[1], m[3], m[5]]
+    w, b = [mod.weight for mod in ls], [mod.bias for mod in ls]
+    betas, plans = [1.25] * 3, [mod._spec.plan_id for mod in ls]
+    op = torch.ops.sparsefl_C.sparse_chain
+    x = torch.randn(4, 36)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        op(x, w, b[:2], betas, plans, [-1] * 3, True)
+    with pytest.raises(ValueError, match="takes 36 features but gets 35"):
+        op(torch.randn(4, 35), w, b, betas, plans, [-1] * 3, True)
+    with pytest.raises(ValueError, match="2-D"):
+        op(torch.randn(4, 6, 6), w, b, betas, plans, [-1] * 3, True)
+    with pytest.raises(ValueError, match="no sparse plan"):
+        op(x, w, b, betas, [10**9] * 3, [-1] * 3, True)

@@ -208,6 +208,7 @@ def install(model: nn.Module) -> int:
     many modules.  Found again by identity, not by handle, so a deep copy of the model
     works with uninstall()."""
     n = 0
+    model.__dict__["_sparsefl_recompute"] = True  # uninstall() has work to do
     for mod in model.modules():
         for kind, (enter, leave) in _HOOKS.items():
             if isinstance(mod, kind) and not getattr(mod, "inplace", False) \
@@ -219,6 +220,8 @@ def install(model: nn.Module) -> int:
 
 
 def uninstall(model: nn.Module) -> None:
+    if not model.__dict__.pop("_sparsefl_recompute", False):
+        return
     enters = {e for e, _ in _HOOKS.values()}
     leaves = {x for _, x in _HOOKS.values()}
     for mod in model.modules():

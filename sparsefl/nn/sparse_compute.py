@@ -227,22 +227,21 @@ def chain_forward(model: nn.Module, x: Tensor) -> Tensor | None:
     chain = model.__dict__.get("_sparse_chain")
     if chain is None or x.dim() < 2:
         return None
-    layers, flat, mods = chain
+    layers, flat, mods, args, ks_memo = chain
     if not flat and x.dim() != 2:
         return None
-    for m in layers:
-        if m.compute != "sparse" or not m._spec.native:
+    for m, w in zip(layers, args[0]):
+        if m.compute != "sparse" or m.weight is not w:
             return None
     if _hooked(mods):
         return None
     n = x.shape[0]
-    x2 = x.reshape(n, -1)
-    ks = [keep_count(n * m.in_features, m.act_density) if m._pruning() else -1
-          for m in layers]
-    return torch.ops.sparsefl_C.sparse_chain(
-        x2, [m.weight for m in layers], [_NO_BIAS if m.bias is None else m.bias for m in layers],
-        [m.beta for m in layers], [m._spec.plan_id for m in layers], ks,
-        torch.is_grad_enabled())
+    key = (n, layers[0].training, torch.is_grad_enabled(), *(m.act_density for m in layers))
+    ks = ks_memo.get(key)
+    if ks is None:  # activation pruning's keep counts for this batch size and mode
+        ks = ks_memo[key] = [keep_count(n * m.in_features, m.act_density) if m._pruning()
+                             else -1 for m in layers]
+    return torch.ops.sparsefl_C.sparse_chain(x.reshape(n, -1), *args, ks, key[2])
 
 
 def forward_only(m: nn.Module, x: Tensor) -> Tensor:
@@ -467,17 +466,18 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
     choice: dict[str, str] = {}
     saved.uninstall(model)
     for _, m in layers:
-        m._recompute = False
+        d = m.__dict__  # plain attributes: nn.Module.__setattr__ costs us per call, per client
+        d["_recompute"] = False
         if mode == "dense" or unsupported(m, fixed_support) is not None:
-            m.compute, m._spec = "dense", None
+            d["compute"], d["_spec"] = "dense", None
         else:
             # the C++ kernels, or the reference (plain torch, any device) when another
             # backend is asked for: sparse compute has no Triton or CUDA face by design
             native = _backend.requested(backend) in ("auto", "cpp") and _backend.resolve(
                 backend, [m.weight], native_op="sparse_conv_forward", triton=False) == "cpp"
-            m._spec = _Spec(m, sc.pack_support(m.weight, backend), native)
-            m._checked = None
-            m.compute = mode
+            d["_spec"] = _Spec(m, sc.pack_support(m.weight, backend), native)
+            d["_checked"] = None
+            d["compute"] = mode
     if mode == "auto" and sample is not None:
         for m, shape in _input_shapes(model, sample).items():
             if m.compute == "auto":
@@ -487,7 +487,10 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
     model.__dict__.pop("_sparse_chain", None)
     chain = _chain_layers(model) if mode != "dense" else None
     if chain and all(m.compute != "dense" and m._spec.native for m in chain[0]):
-        model.__dict__["_sparse_chain"] = (*chain, (model, *model.children()))
+        ls = chain[0]  # what every call passes, fixed until the next set_compute
+        args = ([m.weight for m in ls], [_NO_BIAS if m.bias is None else m.bias for m in ls],
+                [m.beta for m in ls], [m._spec.plan_id for m in ls])
+        model.__dict__["_sparse_chain"] = (*chain, (model, *model.children()), args, {})
     if recompute and mode != "dense":
         chosen = _recompute_layers(model, [m for _, m in layers if m.compute != "dense"],
                                    sample)
