@@ -1926,6 +1926,17 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
                          float_bias(bias, g, kLayerOp), g, kLayerOp);
 }
 
+// The activation pack, its time added to act_prune_ns (the engine's act_prune phase).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, int64_t k,
+                                                          at::IntArrayRef kernel,
+                                                          const SparsePlan& plan) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto pack = sparse_act_pack_cpu(x4, k, kernel, plan.stride, plan.padding);
+  g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t0).count();
+  return pack;
+}
+
 struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& omega,
                             const c10::optional<at::Tensor>& bias, double beta,
@@ -1936,11 +1947,7 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P);
     std::vector<at::Tensor> saved{omega};
     if (train && omega.requires_grad()) {
-      const auto t0 = std::chrono::steady_clock::now();
-      auto [p, q, v] = sparse_act_pack_cpu(lv.x4, k, {g.KH, g.KW}, plan->stride,
-                                           plan->padding);
-      g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
-                            std::chrono::steady_clock::now() - t0).count();
+      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan);
       saved.push_back(p);
       saved.push_back(q);
       saved.push_back(v);
@@ -2068,6 +2075,17 @@ c10::optional<at::Tensor> chain_bias(const at::Tensor& b) {
   return b.defined() && b.numel() > 0 ? c10::optional<at::Tensor>(b) : c10::nullopt;
 }
 
+// Layer l of a chain on its input h (N, C): y = layer(h), then the ReLU in place unless last.
+at::Tensor chain_layer(const at::Tensor& h, const at::Tensor& omega, const at::Tensor& bias,
+                       double beta, SparsePlan& plan, bool relu) {
+  const LayerView lv(h, omega);
+  Geom g{};
+  std::shared_ptr<const Plan> P;
+  at::Tensor y = lv.output(layer_forward(lv, omega, beta, chain_bias(bias), plan, g, P), h);
+  if (relu) chain_relu_(y);
+  return y;
+}
+
 struct SparseChainFn : public torch::autograd::Function<SparseChainFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList omegas,
                             at::TensorList biases, std::vector<double> betas,
@@ -2080,31 +2098,18 @@ struct SparseChainFn : public torch::autograd::Function<SparseChainFn> {
     at::Tensor h = x;
     for (size_t l = 0; l < n; ++l) {
       auto plan = plan_of(c.plans[l]);
-      const LayerView lv(h, omegas[l]);
-      Geom g{};
-      std::shared_ptr<const Plan> P;
-      at::Tensor y = lv.output(layer_forward(lv, omegas[l], c.betas[l], chain_bias(biases[l]),
-                                             *plan, g, P), h);
+      const at::Tensor y = chain_layer(h, omegas[l], biases[l], c.betas[l], *plan, l + 1 < n);
       saved.push_back(omegas[l]);
       if (train && omegas[l].requires_grad()) {
-        const auto t0 = std::chrono::steady_clock::now();
-        auto [p, q, v] = sparse_act_pack_cpu(lv.x4, c.ks[l], {1, 1}, plan->stride,
-                                             plan->padding);
-        g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
-                              std::chrono::steady_clock::now() - t0).count();
+        auto [p, q, v] = timed_pack(h.reshape({-1, h.size(1), 1, 1}), c.ks[l], {1, 1}, *plan);
         saved.push_back(p), saved.push_back(q), saved.push_back(v);
       } else {
         saved.push_back(at::Tensor()), saved.push_back(at::Tensor()),
             saved.push_back(at::Tensor());
       }
       ctx->saved_data["plan" + std::to_string(l)] = plan;  // alive as long as the node
-      if (l + 1 < n) {
-        chain_relu_(y);
-        h = y;
-        relus.push_back(h);
-      } else {
-        h = y;
-      }
+      h = y;
+      if (l + 1 < n) relus.push_back(h);
     }
     for (auto& r : relus) saved.push_back(r);
     ctx->save_for_backward(saved);
@@ -2177,16 +2182,9 @@ at::Tensor sparse_chain_cpu(const at::Tensor& x, at::TensorList omegas, at::Tens
   const ChainArgs c{betas.vec(), plans.vec(), ks.vec()};
   check_chain(x, omegas, biases, c);
   at::Tensor h = x;
-  for (size_t l = 0; l < omegas.size(); ++l) {
-    auto plan = plan_of(c.plans[l]);
-    const LayerView lv(h, omegas[l]);
-    Geom g{};
-    std::shared_ptr<const Plan> P;
-    at::Tensor y = lv.output(layer_forward(lv, omegas[l], c.betas[l], chain_bias(biases[l]),
-                                           *plan, g, P), h);
-    if (l + 1 < omegas.size()) chain_relu_(y);
-    h = y;
-  }
+  for (size_t l = 0; l < omegas.size(); ++l)
+    h = chain_layer(h, omegas[l], biases[l], c.betas[l], *plan_of(c.plans[l]),
+                    l + 1 < omegas.size());
   return h;
 }
 
