@@ -47,3 +47,20 @@ def gpu_backends() -> list:
                 cuda_why is not None, reason=str(cuda_why))),
             pytest.param("triton", id="triton-gpu", marks=pytest.mark.skipif(
                 triton_why is not None, reason=str(triton_why)))]
+
+
+def pruned_resnet(density: float = 0.1):
+    """A small Powerprop ResNet-18 (width 8, 3x16x16) with every layer pruned to `density`
+    by magnitude (the sparse-compute tests' model)."""
+    from sparsefl import ops
+    from sparsefl.models.resnet import ResNet18
+    from sparsefl.nn import sparsify
+    from sparsefl.nn.powerprop import POWERPROP
+
+    torch.manual_seed(0)
+    m = sparsify(ResNet18((3, 16, 16), 10, 8), 1.25)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+    return m

@@ -10,11 +10,11 @@ import weakref
 
 import pytest
 import torch
+from conftest import pruned_resnet
 from torch import nn
 from torch.nn import functional as F
 
-from sparsefl import _native, ops
-from sparsefl.models.resnet import ResNet18
+from sparsefl import _native
 from sparsefl.nn import PowerpropConv2d, set_activation_density, set_compute, sparsify
 from sparsefl.nn import recompute as rc
 from sparsefl.nn.powerprop import POWERPROP
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),
                                 reason=f"native extension not loaded: {_native.LOAD_ERROR}")
 
 
-def _pruned_resnet(density=0.1):
-    torch.manual_seed(0)
-    m = sparsify(ResNet18((3, 16, 16), 10, 8), 1.25)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, POWERPROP):
-                mod.weight.mul_(ops.topk_mask(mod.weight, density))
-    return m
 
 
 def _step(m, x, y):
@@ -44,7 +36,7 @@ def _step(m, x, y):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("pruning", [False, True])
 def test_same_gradients_bit_for_bit(backend, pruning):
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_activation_density(m, enabled=pruning)
     m2 = copy.deepcopy(m)
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
@@ -99,7 +91,7 @@ def test_input_modified_in_place_is_refused():
 
 
 def test_dense_mode_removes_the_hooks_and_copies_keep_working():
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_compute(m, "sparse")
     assert rc.installed(m)
     c = copy.deepcopy(m)
@@ -114,7 +106,7 @@ def test_dense_mode_removes_the_hooks_and_copies_keep_working():
 
 
 def test_eval_and_no_grad_note_nothing():
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_compute(m, "sparse")
     rc._NOTED.clear()
     m.eval()
@@ -127,7 +119,7 @@ def test_eval_and_no_grad_note_nothing():
 def test_which_layers_recompute():
     """With a sample batch: the layers whose output is at least half the largest (the
     stem and the first two stages of a ResNet); none in a model without BatchNorm."""
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_compute(m, "sparse", sample=torch.randn(2, 3, 16, 16))
     chosen = {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)}
     stage = {n: (int(n.split(".")[1]) // 2 if n.startswith("layers.") else -1)

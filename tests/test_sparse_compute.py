@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from conftest import pruned_resnet
 from torch import nn
 from torch.nn import functional as F
 
@@ -21,7 +22,6 @@ from sparsefl import _native, ops
 from sparsefl.fl import config as flconfig
 from sparsefl.fl import engine
 from sparsefl.models.mlp import MLP
-from sparsefl.models.resnet import ResNet18
 from sparsefl.nn import (
     PowerpropConv2d,
     PowerpropLinear,
@@ -99,14 +99,6 @@ def test_non_contiguous_input():
         assert rel(a, b) < 1e-5
 
 
-def _pruned_resnet(density=0.1):
-    torch.manual_seed(0)
-    m = sparsify(ResNet18((3, 16, 16), 10, 8), 1.25)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, POWERPROP):
-                mod.weight.mul_(ops.topk_mask(mod.weight, density))
-    return m
 
 
 @pytest.mark.parametrize("pruning", [False, True])
@@ -115,7 +107,7 @@ def test_model_loss_and_gradients(pruning):
     discontinuous function of it, so a last-bit difference upstream may swap an entry at
     the threshold: gradients are then compared in norm, not entry by entry (the layer
     test above is the entrywise check on identical inputs)."""
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_activation_density(m, enabled=pruning)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     out = {}
@@ -134,7 +126,7 @@ def test_model_loss_and_gradients(pruning):
 
 
 def test_modes_and_refusals():
-    m = _pruned_resnet()
+    m = pruned_resnet()
     with pytest.raises(ValueError, match="mode"):
         set_compute(m, "fast")
     lin = sparsify(nn.Sequential(nn.Linear(4, 4)), 1.0)
@@ -157,7 +149,7 @@ def test_modes_and_refusals():
 def test_support_guard():
     """Weights changed outside the packed support (a new model loaded) are refused
     until set_compute runs again."""
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_compute(m, "sparse")
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     F.cross_entropy(m(x), y).backward()
@@ -172,7 +164,7 @@ def test_support_guard():
 def test_plans_follow_their_layers():
     """The C++ plan a layer computes with: per input size, shared by a deep copy, refused
     once freed or for a weight of another shape."""
-    m = _pruned_resnet()
+    m = pruned_resnet()
     set_compute(m, "sparse")
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     F.cross_entropy(m(x), y).backward()
@@ -204,7 +196,7 @@ def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
     sample = torch.randn(8, 3, 16, 16)
 
     def model():
-        m = _pruned_resnet(0.05)
+        m = pruned_resnet(0.05)
         set_activation_density(m)
         return m
 
@@ -229,11 +221,11 @@ def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
 
 
 def test_auto_calibrates_per_layer():
-    m = _pruned_resnet(0.05)
+    m = pruned_resnet(0.05)
     set_activation_density(m)
     choice = set_compute(m, "auto", sample=torch.randn(8, 3, 16, 16))
     assert set(choice.values()) <= {"sparse", "dense"} and len(choice) == 21
-    lazy = _pruned_resnet(0.05)
+    lazy = pruned_resnet(0.05)
     pending = set_compute(lazy, "auto")  # no sample: decided at the first training forward
     assert set(pending.values()) == {"auto"}
     lazy.train()

@@ -448,12 +448,22 @@ SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int
     for (int r = 0; r < n; ++r) out[i * img + opix[r]] = static_cast<T>(buf[r * L + i]);
 }
 
+// Task t of a pass: (batch tile nt, a block of rows_per_task grid rows) = grid pixels
+// [p0, p1), and the tile's image count.
+struct TaskSpan {
+  int64_t nt, p0, p1, lanes;
+};
+SFL_INLINE TaskSpan task_span(const ConvArgs& a, int64_t t) {
+  const int64_t blocks = (a.GH + a.rows_per_task - 1) / a.rows_per_task;
+  const int64_t nt = t / blocks, p0 = (t % blocks) * a.rows_per_task * a.GW;
+  return {nt, p0, std::min(a.GH * a.GW, p0 + a.rows_per_task * a.GW), std::min(L, a.N - nt * L)};
+}
+
 template <typename V, int R, typename T>
 SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float buf[R * L];
   T* out = static_cast<T*>(a.out);
-  const int64_t blocks = (a.GH + a.rows_per_task - 1) / a.rows_per_task;
-  const int64_t grid = a.GH * a.GW, plane = a.OH * a.OW, img = a.Cout * plane;
+  const int64_t plane = a.OH * a.OW, img = a.Cout * plane;
   // Runs of R grid pixels land on R consecutive output pixels when the grid is the whole
   // output plane at unit steps.
   const bool dense_out = a.osy == 1 && a.osx == 1 && a.GW == a.OW && a.ox0 == 0;
@@ -461,11 +471,8 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   // many channels and few pixels: per channel this index arithmetic cost more than the FMAs).
   std::vector<int64_t> boffs, opixs;
   for (int64_t t = lo; t < hi; ++t) {
-    const int64_t nt = t / blocks, rb = t % blocks;
-    const int64_t p0 = rb * a.rows_per_task * a.GW;
-    const int64_t p1 = std::min(grid, p0 + a.rows_per_task * a.GW);
+    const auto [nt, p0, p1, lanes] = task_span(a, t);
     const float* tile = a.in + nt * a.in_tile;
-    const int64_t lanes = std::min(L, a.N - nt * L);
     T* o = out + nt * L * img;
     boffs.resize(p1 - p0);
     opixs.resize(p1 - p0);
@@ -502,15 +509,11 @@ SFL_INLINE void conv_tasks_pair(const ConvArgs& e, const ConvArgs& o, int64_t lo
   static_assert(R == 8, "the paired write merges runs of 8");
   alignas(64) float be[R * L], bo[R * L];
   float* out = static_cast<float*>(e.out);
-  const int64_t blocks = (e.GH + e.rows_per_task - 1) / e.rows_per_task;
-  const int64_t grid = e.GH * e.GW, plane = e.OH * e.OW, img = e.Cout * plane;
+  const int64_t plane = e.OH * e.OW, img = e.Cout * plane;
   std::vector<int64_t> boe, boo, opix;  // per grid pixel; opix: output of its 4-group
   for (int64_t t = lo; t < hi; ++t) {
-    const int64_t nt = t / blocks, rb = t % blocks;
-    const int64_t p0 = rb * e.rows_per_task * e.GW;
-    const int64_t p1 = std::min(grid, p0 + e.rows_per_task * e.GW);
+    const auto [nt, p0, p1, lanes] = task_span(e, t);
     const float* tile = e.in + nt * e.in_tile;
-    const int64_t lanes = std::min(L, e.N - nt * L);
     float* ot = out + nt * L * img;
     boe.resize(p1 - p0);
     boo.resize(p1 - p0);
