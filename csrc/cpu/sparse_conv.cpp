@@ -1362,10 +1362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       const double margin = 6.0 * std::sqrt(r + 1.0) + 16.0;
       const int64_t r_hi = static_cast<int64_t>(std::floor(r - margin));
       const int64_t r_lo = static_cast<int64_t>(std::ceil(r + margin));
-      auto rank = [&](int64_t i) {  // the i-th largest sample key
-        std::nth_element(sample.begin(), sample.begin() + i, sample.end(),
-                         std::greater<uint32_t>());
-        return sample[i];
+      auto rank = [&](int64_t i) {  // the i-th largest sample key (0-based)
+        return kth_largest(sample.data(), m, i + 1);
       };
       hi = r_hi < 0 ? 0xffffffffu : rank(r_hi);
       lo = r_lo >= m ? 0u : rank(r_lo);
@@ -1380,9 +1378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       keys.reserve(nc);
       for (const auto& ch : chunks)
         for (const auto& c : ch.cand) keys.push_back(c.key);
-      std::nth_element(keys.begin(), keys.begin() + (want - 1), keys.end(),
-                       std::greater<uint32_t>());
-      cut.key = keys[want - 1];
+      // radix selection: serial here (the other threads wait), and nth_element's
+      // partitioning mispredicts on these keys
+      cut.key = kth_largest(keys.data(), nc, want);
       int64_t gt = 0;
       std::vector<int64_t> ties;
       for (const auto& ch : chunks)
