@@ -1120,11 +1120,16 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
     out.q.insert(out.q.end(), qd, qd + cnt[f]);
     out.v.insert(out.v.end(), vd, vd + cnt[f]);
     counts[g0 + f] = cnt[f];
-    if (track)
+    if (track) {  // the entries in the bracket, branch-free (a third of them, scattered)
+      size_t nc = out.cand.size();
+      out.cand.resize(nc + cnt[f]);
       for (int64_t t = 0; t < cnt[f]; ++t) {
         const uint32_t key = magnitude_key(vd[t]);
-        if (key <= hi) out.cand.push_back({key, at + t});
+        out.cand[nc] = {key, at + t};
+        nc += key <= hi;
       }
+      out.cand.resize(nc);
+    }
   }
 }
 
@@ -1405,30 +1410,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       for (int64_t ci = c0; ci < c1; ++ci) {
         PackChunk& ch = chunks[ci];
         bool any = false;
-        for (const auto& c : ch.cand) {
-          const bool keep = c.key > cut.key ||
-                            (c.key == cut.key &&
-                             (cut.tie_cutoff == INT64_MAX ||
-                              entry_flat(ch, c.pos, pg, counts.data()) <= cut.tie_cutoff));
-          if (!keep) {
-            ch.q[c.pos] = -1;
-            any = true;
-          }
+        for (const auto& c : ch.cand) {  // branch-free where the outcome is data
+          bool keep = c.key > cut.key;
+          if (c.key == cut.key)  // rare: ties at the cut
+            keep = cut.tie_cutoff == INT64_MAX ||
+                   entry_flat(ch, c.pos, pg, counts.data()) <= cut.tie_cutoff;
+          ch.q[c.pos] = keep ? ch.q[c.pos] : -1;
+          any |= !keep;
         }
         if (!any) continue;
-        // walk the chunk's groups in order to recount them
+        // walk the chunk's groups in order to recount them (compaction without branches)
         const int64_t ga = ch.t0 * pg.sh * pg.sw, gb = ch.t1 * pg.sh * pg.sw;
         size_t rd = 0, wr = 0;
         for (int64_t g = ga; g < gb; ++g) {
-          int64_t kept_here = 0;
-          for (int64_t e = 0; e < counts[g]; ++e, ++rd)
-            if (ch.q[rd] >= 0) {
-              ch.q[wr] = ch.q[rd];
-              ch.v[wr] = ch.v[rd];
-              ++wr;
-              ++kept_here;
-            }
-          counts[g] = kept_here;
+          const size_t w0 = wr;
+          for (int64_t e = 0; e < counts[g]; ++e, ++rd) {
+            ch.q[wr] = ch.q[rd];
+            ch.v[wr] = ch.v[rd];
+            wr += ch.q[rd] >= 0;
+          }
+          counts[g] = static_cast<int64_t>(wr - w0);
         }
         ch.q.resize(wr);
         ch.v.resize(wr);
