@@ -146,8 +146,8 @@ def test_pack_large_and_adversarial(backend):
     """Large inputs take the sampled-bracket path; an input whose sampled positions are
     all zero makes the bracket miss (fallback to the radix threshold).  Exact either way."""
     g = torch.Generator().manual_seed(3)
-    big = torch.randn(32, 16, 16, 16, generator=g).relu()        # 131072 entries
-    ties = torch.randint(0, 4, (32, 16, 16, 16), generator=g).float()  # heavy ties
+    big = torch.randn(32, 4, 32, 32, generator=g).relu()         # 131072 entries
+    ties = torch.randint(0, 4, (32, 4, 32, 32), generator=g).float()  # heavy ties
     sparse_half = big.clone()
     sparse_half.view(-1)[: big.numel() // 2] = 0                  # the sample sees zeros
     for x in (big, ties, sparse_half):

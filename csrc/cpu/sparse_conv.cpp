@@ -1044,6 +1044,16 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
   alignas(64) int32_t st[16];
   for (int j = 0; j < 16; ++j) st[j] = static_cast<int32_t>(((j + p.pw) / S) * L);
   const __m512i step = _mm512_load_si512(st);
+  // S = 2, 32 columns at a time: half h holds columns 2m + h (m < 16), grid column
+  // (2m + h + pw) / 2 past the block's
+  __m512i half_idx[2], half_step[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) int32_t ix[16], hs[16];
+    for (int m = 0; m < 16; ++m)
+      ix[m] = 2 * m + h, hs[m] = static_cast<int32_t>(((2 * m + h + p.pw) / 2) * L);
+    half_idx[h] = _mm512_load_si512(ix);
+    half_step[h] = _mm512_load_si512(hs);
+  }
   __mmask16 pmask[S];  // lanes j of column phase b: (j + pw) % S == b
   for (int b = 0; b < S; ++b) {
     pmask[b] = 0;
@@ -1061,6 +1071,26 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
         qd[b] = sq + (a * S + b) * stage, vd[b] = sv + (a * S + b) * stage, n[b] = cnt[a * S + b];
       const int32_t qrow = static_cast<int32_t>(u * p.Wq * L + i);
       int64_t iw = 0;
+      if constexpr (S == 2) {
+        // 32 columns per step, split into their two phases by two permutes: one compress
+        // per phase per 16 entries instead of one per phase per 16 columns
+        for (; iw + 32 <= p.W; iw += 32) {
+          const __m512 v0 = _mm512_loadu_ps(row + iw), v1 = _mm512_loadu_ps(row + iw + 16);
+          const __m512i base = _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / 2) * L));
+          for (int h = 0; h < 2; ++h) {  // columns iw + 2m + h: phase (h + pw) % 2
+            const __m512 v = _mm512_permutex2var_ps(v0, half_idx[h], v1);
+            const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+            const __mmask16 kb = _mm512_cmpge_epu32_mask(key, lov);
+            above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
+            mxv = _mm512_max_epu32(mxv, key);
+            const int b = static_cast<int>((h + p.pw) % 2);
+            _mm512_storeu_ps(vd[b] + n[b], _mm512_maskz_compress_ps(kb, v));
+            _mm512_storeu_si512(qd[b] + n[b], _mm512_maskz_compress_epi32(
+                                                  kb, _mm512_add_epi32(base, half_step[h])));
+            n[b] += __builtin_popcount(kb);
+          }
+        }
+      }
       for (; iw + 16 <= p.W; iw += 16) {
         const __m512 v = _mm512_loadu_ps(row + iw);
         const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
