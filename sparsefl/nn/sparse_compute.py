@@ -211,7 +211,7 @@ def _chain_layers(model: nn.Module) -> tuple[tuple[nn.Module, ...], bool] | None
     return tuple(kids[::2]), flat
 
 
-def _hooked(mods: tuple[nn.Module, ...]) -> bool:
+def _watched(mods: tuple[nn.Module, ...]) -> bool:
     from torch.nn.modules import module as nnm
 
     return bool(nnm._global_forward_hooks or nnm._global_forward_pre_hooks or any(
@@ -233,7 +233,7 @@ def chain_forward(model: nn.Module, x: Tensor) -> Tensor | None:
     for m, w in zip(layers, args[0]):
         if m.compute != "sparse" or m.weight is not w:
             return None
-    if _hooked(mods):
+    if _watched(mods):
         return None
     n = x.shape[0]
     key = (n, layers[0].training, torch.is_grad_enabled(), *(m.act_density for m in layers))
