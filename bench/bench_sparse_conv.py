@@ -4,7 +4,8 @@
 
 The full tables (90/95/99%, auto, FLOPs, peak memory) come from `sparsefl bench
 sparse-train`; this suite times the 95% cases of the acceptance: the ResNet-18 convs at
-batch 64, the MLP's layers at batch 32, and the ResNet-18 / MLP client steps.
+batch 64, the MLP's layers at batch 32, and the ResNet-18 / MLP client steps ("keep":
+sparse without recomputing the BatchNorm inputs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def test_layer(benchmark, case, mode):
     benchmark.pedantic(_pass(m, case.x, gy), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("mode", ["plain", "dense", "sparse"])
+@pytest.mark.parametrize("mode", ["plain", "dense", "sparse", "keep"])
 @pytest.mark.parametrize("step", STEPS, ids=[f"{n}-b{b}" for n, b in STEPS])
 def test_step(benchmark, step, mode):
     name, batch = step
