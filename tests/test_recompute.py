@@ -131,3 +131,27 @@ def test_which_layers_recompute():
     set_compute(mlp, "sparse", sample=torch.randn(3, 20))
     assert not rc.installed(mlp)
     assert not any(getattr(mod, "_recompute", False) for mod in mlp.modules())
+
+
+def test_run_option_changes_memory_not_results(tmp_path, monkeypatch):
+    """client.recompute reaches set_compute, and a run ends bit for bit where it ends
+    without it (a ResNet on digits, sparse compute, two rounds)."""
+    from sparsefl.fl import config as flconfig
+    from sparsefl.fl import engine
+
+    calls, orig = [], engine.set_compute
+
+    def spy(model, mode, **kw):
+        calls.append((mode, kw.get("recompute")))
+        return orig(model, mode, **kw)
+
+    monkeypatch.setattr(engine, "set_compute", spy)
+    finals = {}
+    for flag in ("true", "false"):
+        cfg = flconfig.load(None, ["run.rounds=2", "data.clients=4", "server.clients_per_round=2",
+                                   "client.epochs=1", "model.name=resnet18", "model.width=4",
+                                   "client.compute=sparse", f"client.recompute={flag}"])
+        h = engine.run(cfg, tmp_path / flag)
+        assert ("sparse", flag == "true") in calls
+        finals[flag] = [(r["train_loss"], r["acc"]) for r in h.rounds]
+    assert finals["true"] == finals["false"]

@@ -74,6 +74,9 @@ class ClientSection:
     # Powerprop layers (SparsyFed, FLASH): compute on the weight support ("sparse"), the
     # dense path, or per layer whichever is faster here ("auto"; sparsefl.nn.set_compute)
     compute: str = "auto"
+    # sparse compute: a BatchNorm after a sparse layer recomputes its input in backward
+    # instead of keeping it (less memory, a little more time; the same numbers)
+    recompute: bool = True
 
 
 @dataclass

@@ -187,6 +187,7 @@ class Simulation:
             with timers("compute"):
                 self.compute_choice = set_compute(
                     self.model, cfg.client.compute, sample=x[:cfg.client.batch_size],
+                    recompute=cfg.client.recompute,
                     fixed_support=self.sparsifier.fixed_support(), strict=False)
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
