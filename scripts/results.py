@@ -365,6 +365,32 @@ def plots_sweep(suite: str, out: Path, seeds: list[int]) -> list[Path]:
         paths.append(out / "layer_density.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+
+    # edge_density.png: the first (stem) and last (classifier) layer's density per round,
+    # every seed: global top-k can empty either, and nothing routes around them
+    runs = {(m, s): [r for r in metrics(f"{m}-lr{lr:g}-seed{s}") if "layer_sparsity" in r]
+            for m, lr in sparse for s in seeds}
+    runs = {k: v for k, v in runs.items() if v}
+    if runs:
+        names = list(next(iter(runs.values()))[0]["layer_sparsity"])
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        colors = {m: f"C{i}" for i, (m, _) in enumerate(sparse)}
+        for ax, name in zip(axes, (names[0], names[-1])):
+            for (m, s), rows in runs.items():
+                ax.plot([r["round"] for r in rows],
+                        [1 - r["layer_sparsity"][name] for r in rows], color=colors[m],
+                        ls="-" if s == seeds[0] else ":", lw=1.2,
+                        label=f"{m} seed {s}")
+            ax.set(xlabel="round", title=name.removesuffix(".weight"))
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("density (non-zero fraction)")
+        axes[1].legend(fontsize=6, ncol=2)
+        fig.suptitle(f"{suite}: first and last layer density per round")
+        fig.tight_layout()
+        paths.append(out / "edge_density.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
