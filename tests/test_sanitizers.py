@@ -55,7 +55,8 @@ def test_cpu_kernels_pass_their_tests_under_asan_and_ubsan(tmp_path):
     assert check.returncode == 0, check.stderr[-3000:]
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p",
                             "no:cacheprovider", "tests/test_topk_ops.py", "tests/test_sam_ops.py",
-                            "tests/test_aggregate_ops.py", "tests/test_aggregate_tiled.py", "-k",
+                            "tests/test_aggregate_ops.py", "tests/test_aggregate_tiled.py",
+                            "tests/test_fused_sgd.py", "-k",
                             "cpp or native or bad or nan or empty or avx2"],
                            cwd=src, env=run_env, capture_output=True, text=True)
     assert tests.returncode == 0, (tests.stdout[-3000:], tests.stderr[-3000:])

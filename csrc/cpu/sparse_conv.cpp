@@ -43,12 +43,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#define SFL_X86 1
-#include <immintrin.h>
-#endif
-
 #include "dtype.h"
+#include "simd.h"
 #include "topk_select.h"
 
 #include <algorithm>
@@ -65,8 +61,6 @@
 #include <unordered_map>
 #include <vector>
 
-// Vector-extension values only pass between always-inline helpers: no ABI crosses a call.
-#pragma GCC diagnostic ignored "-Wpsabi"
 // GCC 12's own AVX-512 headers (gathers, reductions) trip this on their undefined vectors.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
@@ -74,25 +68,6 @@ namespace sparsefl {
 namespace {
 
 constexpr int64_t L = 16;  // lanes of a pixel vector = images per batch tile
-
-// Vectors as GCC vector extensions: one source compiles to AVX-512 (v16), AVX2 (v8) or SSE
-// (v4) code, chosen at run time (the build never uses -march=native).
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-#define SFL_INLINE __attribute__((always_inline)) inline
-
-template <typename V>
-SFL_INLINE V vload(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V>
-SFL_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-template <typename V>
-SFL_INLINE V vbroadcast(float s) { return V{} + s; }
 
 // In-register 8x8 transpose (rows r[0..7] -> columns), the unpack/shuffle/permute network.
 SFL_INLINE void transpose8(v8* r) {
@@ -558,15 +533,7 @@ SFL_INLINE void conv_tasks_pair(const ConvArgs& e, const ConvArgs& o, int64_t lo
 }
 
 // One ISA-specific entry point per kernel and dtype: the template body is inlined into a
-// function compiled for that ISA.
-// Elsewhere (aarch64) they are plain functions that isa() never selects.
-#if defined(SFL_X86)
-#define SFL_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma")))
-#define SFL_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define SFL_AVX512
-#define SFL_AVX2
-#endif
+// function compiled for that ISA (simd.h).
 
 template <typename T>
 SFL_AVX512 void conv_tasks_avx512(const ConvArgs& a, int64_t lo, int64_t hi) {
@@ -604,26 +571,6 @@ void to_tiles_portable(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
   to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi);
 }
 
-enum class Isa { kAvx512, kAvx2, kPortable };
-
-Isa isa() {
-  static const Isa v = [] {
-    const char* off = std::getenv("SPARSEFL_DISABLE_AVX512");
-    const char* off2 = std::getenv("SPARSEFL_DISABLE_AVX2");
-#if defined(__x86_64__)
-    __builtin_cpu_init();
-    if (!(off2 && *off2 == '1')) {
-      if (!(off && *off == '1') && __builtin_cpu_supports("avx512f") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        return Isa::kAvx512;
-      if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    }
-#endif
-    (void)off; (void)off2;
-    return Isa::kPortable;
-  }();
-  return v;
-}
 
 // Grain for at::parallel_for over `tasks` of `work` element-operations in all: small jobs
 // (a 16-image Linear layer) run on the calling thread, as a fork/join costs more.
@@ -1184,32 +1131,6 @@ int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const in
 // exact k-th key and its tie cutoff come from those candidates, which are then filtered.
 // If the bracket misses (rare), the radix select gives the threshold and the pass runs
 // again with it: exact either way.
-// The k-th largest of n keys (1 <= k <= n), by radix selection on 8-bit digits from the
-// top: one histogram pass over all keys, then passes over the shrinking bucket that holds
-// the answer.  Linear in n whatever the ties: nth_element slowed down on the many equal
-// keys of post-ReLU activations and integer-valued images.
-uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k) {
-  std::vector<uint32_t> cur(keys, keys + n), next;
-  uint32_t prefix = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t hist[256] = {0};
-    for (const uint32_t v : cur) ++hist[(v >> shift) & 0xff];
-    int digit = 255;
-    for (; digit > 0 && hist[digit] < k; --digit) k -= hist[digit];
-    prefix |= static_cast<uint32_t>(digit) << shift;
-    if (shift == 0) break;
-    // the bucket's keys, branch-free (which keys fall in it is data: branches mispredict)
-    next.resize(cur.size());
-    size_t w = 0;
-    for (const uint32_t v : cur) {
-      next[w] = v;
-      w += ((v >> shift) & 0xff) == static_cast<uint32_t>(digit);
-    }
-    next.resize(w);
-    cur.swap(next);
-  }
-  return prefix;
-}
 
 // One pixel per plane at stride 1 (a Linear layer; a conv at 1x1 spatial size): the q of a
 // kept input is the pixel's base + its lane.

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace sparsefl {
 
@@ -28,6 +29,33 @@ inline bool kept(const MagnitudeCut& c, float v, int64_t flat) {
   if (c.none) return false;
   const uint32_t k = magnitude_key(v);
   return k > c.key || (k == c.key && flat <= c.tie_cutoff);
+}
+
+// The k-th largest of n keys (1 <= k <= n), by radix selection on 8-bit digits from the
+// top: one histogram pass over all keys, then passes over the shrinking bucket that holds
+// the answer.  Linear in n whatever the ties: nth_element slowed down on the many equal
+// keys of post-ReLU activations and integer-valued images.
+inline uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k) {
+  std::vector<uint32_t> cur(keys, keys + n), next;
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t hist[256] = {0};
+    for (const uint32_t v : cur) ++hist[(v >> shift) & 0xff];
+    int digit = 255;
+    for (; digit > 0 && hist[digit] < k; --digit) k -= hist[digit];
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    if (shift == 0) break;
+    // the bucket's keys, branch-free (which keys fall in it is data: branches mispredict)
+    next.resize(cur.size());
+    size_t w = 0;
+    for (const uint32_t v : cur) {
+      next[w] = v;
+      w += ((v >> shift) & 0xff) == static_cast<uint32_t>(digit);
+    }
+    next.resize(w);
+    cur.swap(next);
+  }
+  return prefix;
 }
 
 // x: one contiguous CPU float tensor; 0 <= k <= numel.  NaN raises ValueError.

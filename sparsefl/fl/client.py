@@ -6,6 +6,8 @@ run draws exactly the same batches.  Phase times: "sam" is the time inside the S
 family's ascent and descent calls (perturb, exact restore and the base step);
 "act_prune" is SparsyFed's activation pruning inside forward/backward (top-k compress of
 each layer input, expansion for the weight gradient); the rest of the loop is "compute".
+A sparse Powerprop MLP under plain SGD (`client.fused`, sparsefl.nn.fused_sgd) trains
+every step in one kernel call instead of this loop, with the same batches and updates.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch.nn import functional as F
 
 from sparsefl.fl.config import ClientSection
 from sparsefl.fl.timers import Timers
-from sparsefl.nn.powerprop import act_prune_seconds
+from sparsefl.nn.fused_sgd import fused_sgd
+from sparsefl.nn.powerprop import ACT_PRUNE_SECONDS, act_prune_seconds
 from sparsefl.optim import ASAM, SAM, AgnosticSAM
 
 
@@ -61,6 +64,18 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
     model.train()
     total, steps = 0.0, 0
     t_start, sam_time, act_start = timers.now(), 0.0, act_prune_seconds()
+    run = fused_sgd(model) if kind == "sgd" and cfg.fused and after_step is None else None
+    if run is not None:  # every step in one kernel call: the same batches, the same updates
+        orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(cfg.epochs)]) \
+            if cfg.epochs else torch.empty(0, n, dtype=torch.int64)
+        losses, act = run(x, y, orders, cfg.batch_size, lr, cfg.momentum, cfg.weight_decay)
+        ACT_PRUNE_SECONDS[0] += act
+        for v in losses.tolist():  # summed as the loop below sums them
+            total += v
+        steps = len(losses)
+        timers.add("act_prune", act)
+        timers.add("compute", timers.now() - t_start - act)
+        return total / max(steps, 1)
     for _ in range(cfg.epochs):
         for b in _batches(n, cfg.batch_size, gen):
             xb, yb = x[b], y[b]

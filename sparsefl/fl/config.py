@@ -77,6 +77,9 @@ class ClientSection:
     # sparse compute: a BatchNorm after a sparse layer recomputes its input in backward
     # instead of keeping it (less memory, a little more time; the same numbers)
     recompute: bool = True
+    # a sparse Powerprop MLP under plain SGD trains all its steps in one kernel call
+    # (sparsefl.nn.fused_sgd): the same batches and updates, without the per-step overhead
+    fused: bool = True
 
 
 @dataclass

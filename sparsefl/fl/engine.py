@@ -191,8 +191,10 @@ class Simulation:
                     fixed_support=self.sparsifier.fixed_support(), strict=False)
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
-            loss = local_train(self.model, x, y, cfg.client, lr, gen, timers,
-                               lambda: self.sparsifier.after_step(self.model))
+            # no per-step hook unless the method has one: without it an MLP may train fused
+            plain = type(self.sparsifier).after_step is sparsifiers.Sparsifier.after_step
+            hook = None if plain else (lambda: self.sparsifier.after_step(self.model))
+            loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
         finally:
             if self.has_powerprop:  # evaluation and the server see a dense model again
                 set_compute(self.model, "dense")

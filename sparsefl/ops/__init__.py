@@ -17,12 +17,13 @@ from sparsefl.ops.sparse_conv import (
     sparse_conv_backward,
     sparse_conv_forward,
 )
+from sparsefl.ops.sparse_mlp_sgd import sparse_mlp_sgd
 from sparsefl.ops.tiled import TILE, TiledPayload, tile_payload
 from sparsefl.ops.topk import TopKCompressor, keep_count, topk_compress, topk_mask
 
 __all__ = [
     "ActPack", "Support", "pack_support", "sparse_act_pack", "sparse_conv_backward",
-    "sparse_conv_forward",
+    "sparse_conv_forward", "sparse_mlp_sgd",
     "BACKENDS", "TopKCompressor", "keep_count", "sam_perturb", "sam_perturb_", "sam_restore_",
     "SparseAccumulator", "TILE", "TiledPayload", "sparse_aggregate", "tile_payload",
     "topk_compress", "topk_mask", "two_dir_perturb",

@@ -1,0 +1,260 @@
+"""sparse_mlp_sgd (a client's local SGD of a sparse Powerprop MLP in one call) against its
+reference and against what it replaces: autograd through the layers' sparse path plus
+torch.optim.SGD, step by step.
+
+Over hidden sizes (1-3 layers), batches that leave a partial tile (1, 16, 35), activation
+pruning on/off with ties, empty rows, 0% and 100% weight density, momentum and weight
+decay; bad input raises ValueError; opcheck; the engine path (client.fused) ends where
+the step loop ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefl import _native, ops
+from sparsefl.fl import config as flconfig
+from sparsefl.fl import engine
+from sparsefl.fl.client import local_train
+from sparsefl.models.mlp import MLP
+from sparsefl.nn import set_compute, sparsify
+from sparsefl.nn.fused_sgd import fused_sgd
+from sparsefl.nn.powerprop import POWERPROP
+
+BACKENDS = ["reference"] + (["cpp"] if _native.has_cpu_kernels() else [])
+native = pytest.mark.skipif(not _native.has_cpu_kernels(),
+                            reason=f"native extension not loaded: {_native.LOAD_ERROR}")
+
+
+def _mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0, beta=1.25):
+    torch.manual_seed(seed)
+    m = MLP((1, 6, 6), 5, hidden)
+    if not bias:
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.bias = None
+    m = sparsify(m, beta)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+                mod.act_density = act
+    return m
+
+
+def _layers(m):
+    return [mod for mod in m.modules() if isinstance(mod, POWERPROP)]
+
+
+def _op_args(m, x, y, order, batch):
+    ls = _layers(m)
+    return (x.reshape(len(x), -1), y, order, batch, [mod.weight for mod in ls],
+            [mod.bias for mod in ls], [mod.beta for mod in ls],
+            [ops.pack_support(mod.weight) for mod in ls], [mod.act_density for mod in ls])
+
+
+def _data(n=37, seed=1, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    if ties:  # many equal magnitudes at every threshold
+        x = (x * 2).round() / 2
+    return x, torch.randint(0, 5, (n,), generator=g)
+
+
+def _cfg(**kw):
+    cfg = flconfig.load(None, []).client
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden", [(16, 12), (20,), (9, 8, 7)])
+@pytest.mark.parametrize("batch", [1, 16, 35])
+@pytest.mark.parametrize("act", [1.0, 0.4])
+def test_op_equals_reference(backend, hidden, batch, act):
+    m = _mlp(hidden, act=act)
+    ref = copy.deepcopy(m)
+    x, y = _data(ties=True)
+    order = torch.stack([torch.randperm(len(y)), torch.randperm(len(y))])
+    with torch.no_grad():
+        la, _ = ops.sparse_mlp_sgd(*_op_args(m, x, y, order, batch), 0.05, 0.5, 1e-3,
+                                   backend=backend)
+        lb, _ = ops.sparse_mlp_sgd(*_op_args(ref, x, y, order, batch), 0.05, 0.5, 1e-3,
+                                   backend="reference")
+    assert la.shape == (2 * -(-len(y) // batch),)
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a == 0, b == 0) or a.dim() == 1  # no weight left or joined S
+
+
+@native
+@pytest.mark.parametrize("hidden", [(16, 12), (9, 8, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("batch", [1, 16, 35])
+def test_fused_equals_step_loop(hidden, bias, density, momentum, batch):
+    """local_train with and without the fused call: the same losses and weights (fp32
+    rounding apart: the kernels sum in another order than autograd)."""
+    m = _mlp(hidden, bias, density)
+    with torch.no_grad():
+        m[1].weight[:3] = 0  # empty rows
+    loop = copy.deepcopy(m)
+    x, y = _data(ties=True)
+    for model in (m, loop):
+        set_compute(model, "sparse")
+    assert fused_sgd(m) is not None
+    a = local_train(m, x, y, _cfg(epochs=2, batch_size=batch, momentum=momentum, lr=0.1),
+                    0.1, torch.Generator().manual_seed(3))
+    b = local_train(loop, x, y, _cfg(epochs=2, batch_size=batch, momentum=momentum, lr=0.1,
+                                     fused=False), 0.1, torch.Generator().manual_seed(3))
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    # up to 74 steps: fp32 rounding differences grow along the trajectory (1e-7 after one
+    # step, ~3e-5 after 37 at batch 1 and momentum 0.9); a wrong gradient is off by >1e-2
+    for p, q in zip(m.parameters(), loop.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=5e-4)
+        assert torch.equal(p == 0, q == 0) or p.dim() == 1
+        assert p.grad is None
+
+
+@native
+@pytest.mark.parametrize("act", [1.0, 0.4])
+def test_one_step_equals_autograd(act):
+    """One step, tight: the fused update is autograd's gradient + SGD's rule."""
+    m = _mlp(act=act)
+    loop = copy.deepcopy(m)
+    x, y = _data(n=20, ties=True)
+    for model in (m, loop):
+        set_compute(model, "sparse")
+    cfg = dict(epochs=1, batch_size=20, momentum=0.9, weight_decay=1e-2)
+    a = local_train(m, x, y, _cfg(**cfg), 0.3, torch.Generator().manual_seed(0))
+    b = local_train(loop, x, y, _cfg(**cfg, fused=False), 0.3,
+                    torch.Generator().manual_seed(0))
+    assert a == pytest.approx(b, rel=1e-6)
+    for p, q in zip(m.parameters(), loop.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@native
+def test_who_qualifies():
+    m = _mlp()
+    assert fused_sgd(m) is None                  # dense compute
+    set_compute(m, "sparse")
+    assert fused_sgd(m) is not None
+    m.eval()
+    assert fused_sgd(m) is None                  # evaluation
+    m.train()
+    h = m[3].register_forward_hook(lambda *a: None)
+    assert fused_sgd(m) is None                  # a hook would miss the steps
+    h.remove()
+    m[5].bias.requires_grad_(False)
+    assert fused_sgd(m) is None                  # a frozen parameter (FedBABU's head)
+    m[5].bias.requires_grad_(True)
+    f = _mlp(beta=1.0)
+    assert set(set_compute(f, "sparse", fixed_support=True).values()) == {"sparse"}
+    assert fused_sgd(f) is not None
+    # the engine passes a per-step hook (FLASH's mask) -> the loop runs
+    x, y = _data()
+    calls = []
+    local_train(f, x, y, _cfg(epochs=1), 0.1, torch.Generator().manual_seed(0),
+                after_step=lambda: calls.append(1))
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(backend):
+    m = _mlp()
+    x, y = _data()
+    order = torch.randperm(len(y))[None]
+
+    def call(**kw):
+        args = dict(zip(["x", "y", "order", "batch_size", "omegas", "biases", "betas",
+                         "supports", "act_densities"], _op_args(m, x, y, order, 8)))
+        args.update(kw)
+        with torch.no_grad():
+            return ops.sparse_mlp_sgd(**args, lr=0.1, backend=backend)
+
+    with pytest.raises(ValueError, match="label"):
+        call(y=y.clone().fill_(5))
+    with pytest.raises(ValueError, match="order"):
+        call(order=order + 1)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        call(betas=[1.25, 1.25])
+    with pytest.raises(ValueError, match="features"):
+        call(x=torch.randn(len(y), 35))
+    with pytest.raises(ValueError, match="batch"):
+        call(batch_size=0)
+    bad = x.reshape(len(y), -1).clone()
+    bad[order[0, 9], 4] = float("nan")  # in the second batch
+    with pytest.raises(ValueError, match="NaN"):
+        call(x=bad)
+    stale = [mod.weight.detach().clone() for mod in _layers(m)]
+    stale[1].fill_(1.0)  # nonzeros outside the packed support
+    with pytest.raises(ValueError, match="outside the support"):
+        call(omegas=stale)
+    with pytest.raises(ValueError, match="beta"):
+        call(betas=[1.25, 0.5, 1.25])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_zero_epochs(backend):
+    m = _mlp()
+    x, y = _data()
+    with torch.no_grad():
+        losses, _ = ops.sparse_mlp_sgd(*_op_args(m, x, y, torch.empty(0, len(y),
+                                                                        dtype=torch.int64), 4),
+                                       0.1, backend=backend)
+    assert losses.numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    m = _mlp()
+    x, y = _data(n=9)
+    ls = _layers(m)
+    sup = [ops.pack_support(mod.weight) for mod in ls]
+    args = (x.reshape(9, -1), y, torch.randperm(9)[None], 4,
+            [mod.weight.detach().clone() for mod in ls], [mod.bias.detach().clone() for mod in ls],
+            [1.25] * 3, [s.rowptr for s in sup], [s.cols for s in sup], [0.4, 0.4, 1.0], 0.1,
+            0.0, 1e-3, backend)
+    torch.library.opcheck(torch.ops.sparsefl.sparse_mlp_sgd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@native
+def test_sparsyfed_run_fused_equals_loop(tmp_path):
+    """The default job's method on digits: the fused run and the step loop end together."""
+    common = ["run.rounds=4", "data.clients=6", "server.clients_per_round=3",
+              "client.epochs=2", "client.compute=sparse"]
+    a = engine.run(flconfig.load(None, common), tmp_path / "f", progress=False)
+    b = engine.run(flconfig.load(None, common + ["client.fused=false"]), tmp_path / "l",
+                   progress=False)
+    for ra, rb in zip(a.rounds, b.rounds):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3)
+        assert ra["acc"] == pytest.approx(rb["acc"], abs=0.02)
+    torch.testing.assert_close(a.global_flat, b.global_flat, rtol=1e-3, atol=1e-4)
+
+
+@native
+@pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
+def test_other_isa_paths(env):
+    """AVX2 and portable builds of the steps (a subprocess: the ISA is chosen once per
+    process) against the reference."""
+    code = ("from tests.test_fused_sgd import *\n"
+            "for hidden in [(16, 12), (9, 8, 7)]:\n"
+            "    for batch in [1, 35]:\n"
+            "        test_op_equals_reference('cpp', hidden, batch, 0.4)\n"
+            "print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, env=dict(os.environ, **{env: "1"}), timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
