@@ -55,75 +55,126 @@ struct Layer {
   const int64_t* rp;            // support rows: rp[cout + 1]
   const int32_t* col;           // support columns, ascending per row
   std::vector<int64_t> widx;    // flat weight index of each support entry
+  std::vector<float> wv;        // omega on the support during the call (written back after)
   double density;               // activation pruning of this layer's input (>= 1: none)
   float beta;
   std::vector<float> theta, slope, grad, mom, bmom, gb;
   std::vector<float> in, kept;  // input tiles [T][cin][16] and its pruned copy
 };
 
+// The sum of a vector's lanes as a tree (a lane-by-lane loop is 16 dependent adds: the
+// compiler may not reorder float sums).
 SFL_INLINE float hsum(v16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < kL; ++i) s += v[i];
-  return s;
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// theta and beta|omega|^(beta-1) of every support entry (pow as square roots at beta 1.25
-// and 1.5, the exponents runs use; pow is exp(e log x), several times slower).
-void powerprop_support(Layer& l) {
-  const float e = l.beta - 1.0f;
-  for (int64_t j = 0; j < l.nnz; ++j) {
-    const float w = l.omega[l.widx[j]];
-    const float a = std::fabs(w);
-    const float t = e == 0.25f ? std::sqrt(std::sqrt(a))
-                    : e == 0.5f ? std::sqrt(a)
-                    : e == 0.0f ? 1.0f
-                                : (a == 0.0f ? 0.0f : std::pow(a, e));
-    l.theta[j] = w * t;
-    l.slope[j] = l.beta * t;
+// theta and beta|omega|^(beta-1) of every support entry, from the support values wv (pow
+// as square roots at beta 1.25 and 1.5, the exponents runs use; pow is exp(e log x),
+// several times slower).  One loop per exponent, so that each vectorises.
+SFL_INLINE void powerprop_support(Layer& l) {
+  const float e = l.beta - 1.0f, beta = l.beta;
+  const float* w = l.wv.data();
+  float* th = l.theta.data();
+  float* sl = l.slope.data();
+  const int64_t n = l.nnz;
+  if (e == 0.25f) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = std::sqrt(std::sqrt(std::fabs(w[j])));
+      th[j] = w[j] * t, sl[j] = beta * t;
+    }
+  } else if (e == 0.5f) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = std::sqrt(std::fabs(w[j]));
+      th[j] = w[j] * t, sl[j] = beta * t;
+    }
+  } else if (e == 0.0f) {
+    for (int64_t j = 0; j < n; ++j) th[j] = w[j], sl[j] = beta;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = std::fabs(w[j]);
+      const float t = a == 0.0f ? 0.0f : std::pow(a, e);
+      th[j] = w[j] * t, sl[j] = beta * t;
+    }
   }
 }
+
+// The k-th largest of n keys (1 <= k <= n) by radix selection on 8-bit digits, in the
+// caller's scratch (no allocation per step); topk_select.h's kth_largest, in place.
+uint32_t kth_key(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& a,
+                 std::vector<uint32_t>& b) {
+  a.assign(keys, keys + n);
+  b.resize(n);
+  int64_t m = n;
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t hist[256] = {0};
+    for (int64_t i = 0; i < m; ++i) ++hist[(a[i] >> shift) & 0xff];
+    int digit = 255;
+    for (; digit > 0 && hist[digit] < k; --digit) k -= hist[digit];
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    if (shift == 0) break;
+    int64_t w = 0;  // the bucket's keys, branch-free
+    for (int64_t i = 0; i < m; ++i) {
+      b[w] = a[i];
+      w += ((a[i] >> shift) & 0xff) == static_cast<uint32_t>(digit);
+    }
+    m = w;
+    a.swap(b);
+  }
+  return prefix;
+}
+
+struct Scratch {
+  std::vector<uint32_t> keys, a, b;
+};
 
 // Activation pruning of l.in (its first nb samples) into l.kept; false if a NaN was seen.
-bool prune_input(Layer& l, int64_t nb, int64_t T, std::vector<uint32_t>& keys) {
-  const int64_t C = l.cin, n = nb * C;
-  keys.resize(n);
+// Keys are taken in tile order; the padding lanes (zeros) join them harmlessly: a zero
+// kept or dropped leaves the same pruned input, and zeros never outrank a nonzero.  Only
+// ties at a nonzero threshold need the flat (sample-major) order, and only when some but
+// not all of the tied entries are kept.
+SFL_INLINE bool prune_input(Layer& l, int64_t nb, int64_t T, Scratch& s) {
+  const int64_t C = l.cin, n = T * C * kL, valid = nb * C;
+  const float* in = l.in.data();
+  s.keys.resize(n);
+  uint32_t* keys = s.keys.data();
   uint32_t mx = 0;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      const float* v = l.in.data() + (t * C + c) * kL;
-      const int64_t lanes = std::min(kL, nb - t * kL);
-      for (int64_t i = 0; i < lanes; ++i) {
-        const uint32_t key = magnitude_key(v[i]);
-        keys[(t * kL + i) * C + c] = key;
-        mx = std::max(mx, key);
-      }
-    }
+  for (int64_t p = 0; p < n; ++p) {
+    keys[p] = magnitude_key(in[p]);
+    mx = std::max(mx, keys[p]);
+  }
   if (mx > 0x7f800000u) return false;
-  if (l.density >= 1.0) {
-    l.kept = l.in;
+  const int64_t k = l.density >= 1.0
+      ? valid : valid - static_cast<int64_t>(std::nearbyint((1.0 - l.density) * valid));
+  float* out = l.kept.data();
+  if (k >= valid) {
+    std::copy(in, in + n, out);
     return true;
   }
-  const int64_t k = n - static_cast<int64_t>(std::nearbyint((1.0 - l.density) * n));
-  uint32_t ck = 0xffffffffu;  // keep key > ck, or key == ck at flat index <= tie
-  int64_t tie = -1;
-  if (k >= n) {
-    ck = 0, tie = INT64_MAX;
-  } else if (k > 0) {
-    ck = kth_largest(keys.data(), n, k);
-    int64_t gt = 0;
-    for (int64_t i = 0; i < n; ++i) gt += keys[i] > ck;
-    for (int64_t i = 0, need = k - gt; i < n && need > 0; ++i)
-      if (keys[i] == ck && --need == 0) tie = i;
+  if (k <= 0) {
+    std::fill(out, out + n, 0.0f);
+    return true;
   }
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) {
-      const float* v = l.in.data() + (t * C + c) * kL;
-      float* o = l.kept.data() + (t * C + c) * kL;
-      const int64_t lanes = std::min(kL, nb - t * kL);
-      for (int64_t i = 0; i < lanes; ++i) {  // lanes past the batch stay 0
-        const int64_t f = (t * kL + i) * C + c;
-        o[i] = keys[f] > ck || (keys[f] == ck && f <= tie) ? v[i] : 0.0f;
-      }
+  const uint32_t ck = kth_key(keys, n, k, s.a, s.b);
+  if (ck == 0) {  // every nonzero is kept
+    std::copy(in, in + n, out);
+    return true;
+  }
+  int64_t gt = 0, eq = 0;
+  for (int64_t p = 0; p < n; ++p) gt += keys[p] > ck, eq += keys[p] == ck;
+  const int64_t need = k - gt;  // 1 <= need <= eq
+  if (need == eq) {
+    for (int64_t p = 0; p < n; ++p) out[p] = keys[p] >= ck ? in[p] : 0.0f;
+    return true;
+  }
+  for (int64_t p = 0; p < n; ++p) out[p] = keys[p] > ck ? in[p] : 0.0f;
+  for (int64_t i = 0, left = need; i < nb && left > 0; ++i)  // ties: lowest flat index
+    for (int64_t c = 0; c < C && left > 0; ++c) {
+      const int64_t p = ((i / kL) * C + c) * kL + i % kL;
+      if (keys[p] == ck) out[p] = in[p], --left;
     }
   return true;
 }
@@ -204,18 +255,27 @@ SFL_INLINE void backward_layer(Layer& l, const float* dy, float* dx, int64_t T) 
   }
 }
 
-void sgd_update(Layer& l, float lr, float momentum, float wd, bool first) {
-  for (int64_t j = 0; j < l.nnz; ++j) {
-    float& w = l.omega[l.widx[j]];
-    float g = l.grad[j] * l.slope[j] + wd * w;
-    if (momentum != 0.0f) g = l.mom[j] = first ? g : momentum * l.mom[j] + g;
-    w -= lr * g;
+// One loop per momentum setting, so that each vectorises (support values are contiguous).
+SFL_INLINE void sgd_update(Layer& l, float lr, float momentum, float wd, bool first) {
+  float* w = l.wv.data();
+  const float* g = l.grad.data();
+  const float* sl = l.slope.data();
+  const int64_t n = l.nnz;
+  if (momentum == 0.0f) {
+    for (int64_t j = 0; j < n; ++j) w[j] -= lr * (g[j] * sl[j] + wd * w[j]);
+  } else {
+    float* m = l.mom.data();
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = g[j] * sl[j] + wd * w[j];
+      m[j] = first ? d : momentum * m[j] + d;
+      w[j] -= lr * m[j];
+    }
   }
   if (!l.bias) return;
   for (int64_t o = 0; o < l.cout; ++o) {
-    float g = l.gb[o] + wd * l.bias[o];
-    if (momentum != 0.0f) g = l.bmom[o] = first ? g : momentum * l.bmom[o] + g;
-    l.bias[o] -= lr * g;
+    float d = l.gb[o] + wd * l.bias[o];
+    if (momentum != 0.0f) d = l.bmom[o] = first ? d : momentum * l.bmom[o] + d;
+    l.bias[o] -= lr * d;
   }
 }
 
@@ -240,7 +300,7 @@ SFL_INLINE bool run_steps(Run& r) {
   std::vector<float> logits(Tmax * Ls.back().cout * kL), ga(Tmax * cmax * kL),
       gb(Tmax * cmax * kL);
   std::vector<int64_t> target(r.batch);
-  std::vector<uint32_t> keys;
+  Scratch scratch;
   int64_t step = 0;
   for (int64_t ep = 0; ep < r.epochs; ++ep) {
     const int64_t* perm = r.order + ep * r.n;
@@ -259,7 +319,7 @@ SFL_INLINE bool run_steps(Run& r) {
         Layer& l = Ls[li];
         powerprop_support(l);
         const auto t0 = std::chrono::steady_clock::now();
-        const bool ok = prune_input(l, nb, T, keys);
+        const bool ok = prune_input(l, nb, T, scratch);
         r.act_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - t0).count();
         if (!ok) return false;
@@ -368,6 +428,8 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_sgd_cpu(
     TORCH_CHECK_VALUE(escaped == 0, "sparsefl: ", escaped, " nonzero weights of layer ", i,
                       " lie outside the support packed by set_compute(); the weights changed "
                       "since (a new model was loaded?): call set_compute(model, ...) again");
+    l.wv.resize(l.nnz);
+    for (int64_t j = 0; j < l.nnz; ++j) l.wv[j] = l.omega[l.widx[j]];
     l.theta.resize(l.nnz), l.slope.resize(l.nnz), l.grad.resize(l.nnz), l.gb.resize(l.cout);
     if (momentum != 0.0) l.mom.resize(l.nnz), l.bmom.resize(l.cout);
     l.in.assign(T * l.cin * kL, 0.0f), l.kept.assign(T * l.cin * kL, 0.0f);
@@ -380,6 +442,8 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_sgd_cpu(
   const bool ok = isa() == Isa::kAvx512 ? run_avx512(r)
                   : isa() == Isa::kAvx2 ? run_avx2(r)
                                         : run_portable(r);
+  for (auto& l : Ls)  // the trained support values back into omega (also after a NaN)
+    for (int64_t j = 0; j < l.nnz; ++j) l.omega[l.widx[j]] = l.wv[j];
   TORCH_CHECK_VALUE(ok, kOp, ": input contains NaN (a layer's input went non-finite: the "
                     "training diverged or the data holds NaN)");
   return {losses, r.act_ns};
