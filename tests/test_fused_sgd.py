@@ -258,3 +258,42 @@ def test_other_isa_paths(env):
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, env=dict(os.environ, **{env: "1"}), timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@native
+def test_auto_decides_for_the_chain(tmp_path, monkeypatch):
+    """With fused=True, "auto" times a fused step against a dense step for the MLP as a
+    whole (recorded per machine like the layer decisions); a 10%-dense digits-sized MLP
+    trains fused (measured ~10x faster here), and the record is what a later call reads."""
+    import json
+
+    from sparsefl.nn import sparse_compute as spc
+
+    cache = tmp_path / "auto.json"
+    monkeypatch.setenv("SPARSEFL_AUTO_CACHE", str(cache))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+
+    def model():
+        torch.manual_seed(0)
+        m = sparsify(MLP((1, 8, 8), 10, (128, 128)), 1.25)
+        with torch.no_grad():
+            for mod in _layers(m):
+                mod.weight.mul_(ops.topk_mask(mod.weight, 0.1))
+                mod.act_density = 0.1
+        return m.train()
+
+    sample = torch.randn(16, 1, 8, 8)
+    choice = set_compute(model(), "auto", sample=sample, fused=True)
+    assert set(choice.values()) == {"sparse"}
+    fused_keys = [k for k in json.loads(cache.read_text()) if k.startswith("('fused'")]
+    assert len(fused_keys) == 1
+    (key, (td, tf)), = [(k, v) for k, v in spc.AUTO_TIMINGS.items() if k[0] == "fused"]
+    assert tf < td
+    # a later process reads the record (flipped here to see it is used): the layers decide
+    cache.write_text(json.dumps({fused_keys[0]: "dense"}))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    monkeypatch.setattr(spc, "_time_fused", lambda *a, **k: pytest.fail("timed again"))
+    m = model()
+    set_compute(m, "auto", sample=sample, fused=True)
+    assert all(mod.compute in ("sparse", "dense") for mod in _layers(m))
+    assert [v for k, v in spc._AUTO_CACHE.items() if k[0] == "fused"] == ["dense"]

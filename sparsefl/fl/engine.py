@@ -138,6 +138,9 @@ class Simulation:
         self.buffer_mask = self.layout.mask(buffer=True)
         self.prunable_mask = self.layout.mask(prunable=True)
         self.round = 0
+        # plain SGD and no per-step hook of the method: an MLP may train fused (fused_sgd)
+        self._fused = cfg.client.fused and cfg.client.optimizer == "sgd" and \
+            type(self.sparsifier).after_step is sparsifiers.Sparsifier.after_step
 
     # ------------------------------------------------------------------ state ----------
     def state(self) -> dict[str, Tensor]:
@@ -188,12 +191,11 @@ class Simulation:
                 self.compute_choice = set_compute(
                     self.model, cfg.client.compute, sample=x[:cfg.client.batch_size],
                     recompute=cfg.client.recompute,
-                    fixed_support=self.sparsifier.fixed_support(), strict=False)
+                    fixed_support=self.sparsifier.fixed_support(), strict=False,
+                    fused=self._fused)
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
-            # no per-step hook unless the method has one: without it an MLP may train fused
-            plain = type(self.sparsifier).after_step is sparsifiers.Sparsifier.after_step
-            hook = None if plain else (lambda: self.sparsifier.after_step(self.model))
+            hook = None if self._fused else (lambda: self.sparsifier.after_step(self.model))
             loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
         finally:
             if self.has_powerprop:  # evaluation and the server see a dense model again

@@ -410,6 +410,87 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
     return m.compute
 
 
+def _time_fused(layers: tuple[nn.Module, ...], n: int, batch: int, reps: int) -> float:
+    """Fastest seconds per step of sparse_mlp_sgd on copies of the layers' weights."""
+    from sparsefl.ops.sparse_mlp_sgd import sparse_mlp_sgd
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, layers[0].in_features, generator=gen)
+    y = torch.randint(0, layers[-1].out_features, (n,), generator=gen)
+    order = torch.arange(n)[None]
+    best = math.inf
+    for _ in range(reps + 1):  # the first run warms up
+        ws = [m.weight.detach().clone() for m in layers]
+        bs = [None if m.bias is None else m.bias.detach().clone() for m in layers]
+        t0 = time.perf_counter()
+        sparse_mlp_sgd(x, y, order, batch, ws, bs, [m.beta for m in layers],
+                       [m._spec.support for m in layers],
+                       [m.act_density if m._pruning_configured() else 1.0 for m in layers],
+                       0.0)
+        best = min(best, time.perf_counter() - t0)
+    return best * batch / n
+
+
+def _time_dense_step(model: nn.Module, layers: tuple[nn.Module, ...],
+                     shape: tuple[int, ...], reps: int) -> float:
+    """Fastest seconds of one dense training step (forward, backward, SGD at lr 0) of the
+    model, its layers on the dense path; nothing of the model changes."""
+    from torch.nn import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    y = torch.randint(0, layers[-1].out_features, (shape[0],), generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    opt = torch.optim.SGD(params, lr=0.0)
+    was_training, modes = model.training, [m.compute for m in layers]
+    best = math.inf
+    act_before = act_prune_seconds()
+    try:
+        model.train()
+        for m in layers:
+            m.__dict__["compute"] = "dense"
+        with torch.enable_grad():
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+        for m, mode in zip(layers, modes):
+            m.__dict__["compute"] = mode
+        for p, g in zip(params, grads):
+            p.grad = g
+        ACT_PRUNE_SECONDS[0] -= act_prune_seconds() - act_before
+    return best
+
+
+def _decide_fused(model: nn.Module, layers: tuple[nn.Module, ...],
+                  shape: tuple[int, ...]) -> str:
+    """"sparse" (the chain trains fused) or "dense" (each layer decides) for an MLP chain,
+    measured once per machine like _decide: a fused step against a dense step (forward,
+    backward, SGD) at the sample's batch size."""
+    batch = shape[0]
+    key = ("fused", tuple((tuple(m.weight.shape), m._pruning_configured(),
+                           _density_bucket(m._spec.support.nnz / max(m.weight.numel(), 1)))
+                          for m in layers), shape)
+    if key not in _AUTO_CACHE:
+        with _locked_decisions() as table:
+            name = repr(key)
+            if table.get(name) in ("sparse", "dense"):
+                _AUTO_CACHE[key] = table[name]
+            else:
+                n = 4 * batch
+                tf = _time_fused(layers, n, batch, reps=3)
+                td = _time_dense_step(model, layers, shape, reps=5)
+                AUTO_TIMINGS[key] = (td, tf)
+                _AUTO_CACHE[key] = table[name] = "sparse" if tf < SPARSE_MARGIN * td \
+                    else "dense"
+    return _AUTO_CACHE[key]
+
+
 def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int, ...]]:
     """Each Powerprop layer's input shape for a batch shaped like `sample` (one dense eval
     forward, remembered per model and sample shape: the engine asks once per client)."""
@@ -445,13 +526,16 @@ def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int
 
 def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
                 fixed_support: bool = False, strict: bool = True,
-                backend: str | None = None, recompute: bool = True) -> dict[str, str]:
+                backend: str | None = None, recompute: bool = True,
+                fused: bool = False) -> dict[str, str]:
     """Switch every Powerprop layer of `model` to dense or sparse compute (see the module
     docstring); returns each layer's choice.  strict=False: in "sparse" mode, layers that
     cannot compute sparse stay dense instead of raising (the engine's FLASH round 1).
     recompute: a BatchNorm after a sparse layer keeps a reference to the layer's input
     instead of its output, recomputed in backward (sparsefl/nn/recompute.py: less memory
-    for one more sparse forward)."""
+    for one more sparse forward).  fused: the model will train with sparsefl.nn.fused_sgd
+    where it can; then "auto" decides for an MLP chain as a whole, timing a fused step
+    against a dense one, instead of layer by layer."""
     if mode not in MODES:
         raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
     from sparsefl.ops import _backend
@@ -479,6 +563,11 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
             d["_checked"] = None
             d["compute"] = mode
     if mode == "auto" and sample is not None:
+        chain = _chain_layers(model) if fused else None
+        if chain and all(m.compute == "auto" and m._spec.native for m in chain[0]) and \
+                _decide_fused(model, chain[0], tuple(sample.shape)) == "sparse":
+            for m in chain[0]:  # else each layer decides for itself below
+                m.__dict__["compute"] = "sparse"
         for m, shape in _input_shapes(model, sample).items():
             if m.compute == "auto":
                 _decide(m, shape)
