@@ -18,6 +18,8 @@ forward + backward (input and weight gradients).  Modes, timed round-robin in on
     keep    (client steps) set_compute(model, "sparse", recompute=False): the same, keeping
             the BatchNorm inputs: what the recompute costs in time and saves in memory
     auto    set_compute(model, "auto"): per layer the faster, as calibrated
+    fused   (MLP local training, per step of forward + backward + SGD) the sparse layers'
+            whole epoch in one sparsefl.ops.sparse_mlp_sgd call (sparsefl.nn.fused_sgd)
 
 FLOPs: dense = 2 x MACs x 3 passes (2 for the first layer, no input gradient); sparse =
 what the kernels perform (2 |S| per output pixel for forward and input gradient, 2 x the
@@ -236,6 +238,68 @@ def bench_steps(rounds: int, quick: bool) -> list[dict]:
     return rows
 
 
+# Local training (forward + backward + SGD, per step over an epoch of TRAIN_BATCHES
+# batches): the MLPs whose steps are small enough for the framework's cost to dominate.
+TRAIN_MODELS = [("digits MLP 64-128-128-10", (1, 8, 8), (128, 128), 16),
+                ("MLP 784-200-200-10", (1, 28, 28), (200, 200), 32)]
+TRAIN_BATCHES = 20
+TRAIN_MODES = ("plain", "dense", "sparse", "fused")
+
+
+def make_training(shape: tuple[int, ...], hidden: tuple[int, ...], batch: int,
+                  density: float, mode: str):
+    """A function that runs one epoch of local_train (lr 0: the weights stay as they are,
+    so every call does the same work) in `mode`: plain = nn.Linear on the masked weights
+    and torch SGD; dense / sparse = Powerprop layers on that path, the step loop; fused =
+    sparse, every step in one sparse_mlp_sgd call."""
+    from sparsefl.fl import config as flconfig
+    from sparsefl.fl.client import local_train
+    from sparsefl.models.mlp import MLP
+    from sparsefl.nn import sparsify
+
+    torch.manual_seed(0)
+    model = sparsify(MLP(shape, 10, hidden), 1.25)
+    prune_layers(model, density)
+    g = torch.Generator().manual_seed(1)
+    n = TRAIN_BATCHES * batch
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+    cfg = flconfig.load(None, ["client.epochs=1", f"client.batch_size={batch}",
+                               f"client.fused={'true' if mode == 'fused' else 'false'}"]).client
+    if mode == "plain":
+        for parent in list(model.modules()):
+            for cname, child in list(parent.named_children()):
+                if isinstance(child, POWERPROP):
+                    setattr(parent, cname, _plain(child))
+    else:
+        set_compute(model, "dense" if mode == "dense" else "sparse", sample=x[:batch])
+    return lambda: local_train(model, x, y, cfg, 0.0, torch.Generator().manual_seed(2))
+
+
+def bench_training(rounds: int, quick: bool) -> list[dict]:
+    rows = []
+    for name, shape, hidden, batch in TRAIN_MODELS:
+        for d in ((0.1, 0.05) if quick else (1.0, *DENSITIES)):
+            fns = {m: make_training(shape, hidden, batch, d, m) for m in TRAIN_MODES}
+            t = measure_interleaved(fns, rounds=rounds, warmup=1)
+            rows.append({"model": name, "batch": batch, "density": d,
+                         **{f"{k}_us": v.median_s * 1e6 / TRAIN_BATCHES
+                            for k, v in t.items()}})
+    return rows
+
+
+def _fmt_training(rows: list[dict]) -> str:
+    out = ["| model | batch | sparsity | plain us | dense us | sparse us | fused us | "
+           "fused vs plain | fused vs dense | fused vs sparse |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['batch']} | {1 - r['density']:.0%} | "
+                   f"{r['plain_us']:.0f} | {r['dense_us']:.0f} | {r['sparse_us']:.0f} | "
+                   f"{r['fused_us']:.0f} | {r['plain_us'] / r['fused_us']:.2f}x | "
+                   f"{r['dense_us'] / r['fused_us']:.2f}x | "
+                   f"{r['sparse_us'] / r['fused_us']:.2f}x |")
+    return "\n".join(out)
+
+
 def step_memory(name: str, batch: int, density: float, mode: str) -> dict:
     """Peak memory of one client step, measured in a fresh process (resident set high-water
     mark, with malloc returning large blocks to the OS so that it tracks live memory)."""
@@ -327,13 +391,17 @@ def run(rounds: int = 5, quick: bool = False, out_dir: str | None = None,
     copy_t = measure(copy_workload(n).fn, rounds=10)
     copy_gbs = 8 * n / copy_t.median_s / 1e9
     res = {"threads": torch.get_num_threads(), "copy_gbs": copy_gbs,
-           "layers": bench_layers(rounds, quick), "steps": bench_steps(rounds, quick)}
+           "layers": bench_layers(rounds, quick), "steps": bench_steps(rounds, quick),
+           "training": bench_training(rounds, quick)}
     if memory:
         res["memory"] = bench_memory(quick)
     text = (f"Sparse training, {res['threads']} threads; copy bandwidth {copy_gbs:.1f} GB/s "
             "(read + write).\n\nPer layer (forward + backward; batch 64 convs, 32 linear):\n\n"
             + _fmt_layers(res["layers"]) + "\n\nPer client step (forward + backward):\n\n"
-            + _fmt_steps(res["steps"]))
+            + _fmt_steps(res["steps"])
+            + "\n\nLocal training of an MLP, per step (forward + backward + SGD, an epoch of "
+            f"{TRAIN_BATCHES} batches; fused = every step in one sparse_mlp_sgd call):\n\n"
+            + _fmt_training(res["training"]))
     if memory:
         text += ("\n\nPeak memory of a client step (weights + the step's resident high-water "
                  "mark):\n\n" + _fmt_memory(res["memory"]))
