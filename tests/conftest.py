@@ -64,3 +64,28 @@ def pruned_resnet(density: float = 0.1):
             if isinstance(mod, POWERPROP):
                 mod.weight.mul_(ops.topk_mask(mod.weight, density))
     return m
+
+
+def pruned_mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0, beta=1.25):
+    """A small Powerprop MLP (1x6x6 -> hidden -> 5) with every layer pruned to `density` by
+    magnitude and activation density `act` (the sparse MLP tests' model)."""
+    from torch import nn
+
+    from sparsefl import ops
+    from sparsefl.models.mlp import MLP
+    from sparsefl.nn import sparsify
+    from sparsefl.nn.powerprop import POWERPROP
+
+    torch.manual_seed(seed)
+    m = MLP((1, 6, 6), 5, hidden)
+    if not bias:
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.bias = None
+    m = sparsify(m, beta)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, POWERPROP):
+                mod.weight.mul_(ops.topk_mask(mod.weight, density))
+                mod.act_density = act
+    return m

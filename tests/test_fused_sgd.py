@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from torch import nn
+from conftest import pruned_mlp
 
 from sparsefl import _native, ops
 from sparsefl.fl import config as flconfig
@@ -31,22 +31,6 @@ from sparsefl.nn.powerprop import POWERPROP
 BACKENDS = ["reference"] + (["cpp"] if _native.has_cpu_kernels() else [])
 native = pytest.mark.skipif(not _native.has_cpu_kernels(),
                             reason=f"native extension not loaded: {_native.LOAD_ERROR}")
-
-
-def _mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0, beta=1.25):
-    torch.manual_seed(seed)
-    m = MLP((1, 6, 6), 5, hidden)
-    if not bias:
-        for mod in m.modules():
-            if isinstance(mod, nn.Linear):
-                mod.bias = None
-    m = sparsify(m, beta)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, POWERPROP):
-                mod.weight.mul_(ops.topk_mask(mod.weight, density))
-                mod.act_density = act
-    return m
 
 
 def _layers(m):
@@ -80,7 +64,7 @@ def _cfg(**kw):
 @pytest.mark.parametrize("batch", [1, 16, 35])
 @pytest.mark.parametrize("act", [1.0, 0.4])
 def test_op_equals_reference(backend, hidden, batch, act):
-    m = _mlp(hidden, act=act)
+    m = pruned_mlp(hidden, act=act)
     ref = copy.deepcopy(m)
     x, y = _data(ties=True)
     order = torch.stack([torch.randperm(len(y)), torch.randperm(len(y))])
@@ -105,7 +89,7 @@ def test_op_equals_reference(backend, hidden, batch, act):
 def test_fused_equals_step_loop(hidden, bias, density, momentum, batch):
     """local_train with and without the fused call: the same losses and weights (fp32
     rounding apart: the kernels sum in another order than autograd)."""
-    m = _mlp(hidden, bias, density)
+    m = pruned_mlp(hidden, bias, density)
     with torch.no_grad():
         m[1].weight[:3] = 0  # empty rows
     loop = copy.deepcopy(m)
@@ -130,7 +114,7 @@ def test_fused_equals_step_loop(hidden, bias, density, momentum, batch):
 @pytest.mark.parametrize("act", [1.0, 0.4])
 def test_one_step_equals_autograd(act):
     """One step, tight: the fused update is autograd's gradient + SGD's rule."""
-    m = _mlp(act=act)
+    m = pruned_mlp(act=act)
     loop = copy.deepcopy(m)
     x, y = _data(n=20, ties=True)
     for model in (m, loop):
@@ -146,7 +130,7 @@ def test_one_step_equals_autograd(act):
 
 @native
 def test_who_qualifies():
-    m = _mlp()
+    m = pruned_mlp()
     assert fused_sgd(m) is None                  # dense compute
     set_compute(m, "sparse")
     assert fused_sgd(m) is not None
@@ -159,7 +143,7 @@ def test_who_qualifies():
     m[5].bias.requires_grad_(False)
     assert fused_sgd(m) is None                  # a frozen parameter (FedBABU's head)
     m[5].bias.requires_grad_(True)
-    f = _mlp(beta=1.0)
+    f = pruned_mlp(beta=1.0)
     assert set(set_compute(f, "sparse", fixed_support=True).values()) == {"sparse"}
     assert fused_sgd(f) is not None
     # the engine passes a per-step hook (FLASH's mask) -> the loop runs
@@ -172,7 +156,7 @@ def test_who_qualifies():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
-    m = _mlp()
+    m = pruned_mlp()
     x, y = _data()
     order = torch.randperm(len(y))[None]
 
@@ -207,7 +191,7 @@ def test_bad_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_zero_epochs(backend):
-    m = _mlp()
+    m = pruned_mlp()
     x, y = _data()
     with torch.no_grad():
         losses, _ = ops.sparse_mlp_sgd(*_op_args(m, x, y, torch.empty(0, len(y),
@@ -218,7 +202,7 @@ def test_empty_and_zero_epochs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    m = _mlp()
+    m = pruned_mlp()
     x, y = _data(n=9)
     ls = _layers(m)
     sup = [ops.pack_support(mod.weight) for mod in ls]
@@ -249,7 +233,8 @@ def test_sparsyfed_run_fused_equals_loop(tmp_path):
 def test_other_isa_paths(env):
     """AVX2 and portable builds of the steps (a subprocess: the ISA is chosen once per
     process) against the reference."""
-    code = ("from tests.test_fused_sgd import *\n"
+    code = ("import sys; sys.path.insert(0, 'tests')\n"
+            "from tests.test_fused_sgd import *\n"
             "for hidden in [(16, 12), (9, 8, 7)]:\n"
             "    for batch in [1, 35]:\n"
             "        test_op_equals_reference('cpp', hidden, batch, 0.4)\n"

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import pruned_resnet
+from conftest import pruned_mlp, pruned_resnet
 from torch import nn
 from torch.nn import functional as F
 
@@ -271,22 +271,6 @@ def test_mlp_default_model_sparse():
 
 # -- an MLP's forward as one op (torch.ops.sparsefl_C.sparse_chain) -----------------------
 
-def _pruned_mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0):
-    torch.manual_seed(seed)
-    m = MLP((1, 6, 6), 5, hidden)
-    if not bias:
-        for mod in m.modules():
-            if isinstance(mod, nn.Linear):
-                mod.bias = None
-    m = sparsify(m, 1.25)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, POWERPROP):
-                mod.weight.mul_(ops.topk_mask(mod.weight, density))
-                mod.act_density = act
-    return m
-
-
 def _step_grads(m, x, y):
     m.zero_grad(set_to_none=True)
     loss = F.cross_entropy(m(x), y)
@@ -301,7 +285,7 @@ def _step_grads(m, x, y):
 def test_chain_equals_layer_by_layer(hidden, bias, act, batch):
     """The chain op is the layers' own ops in one call: bit for bit the same loss and
     gradients as the layer-by-layer sparse path."""
-    m = _pruned_mlp(hidden, bias, act=act)
+    m = pruned_mlp(hidden, bias, act=act)
     set_compute(m, "sparse")
     assert "_sparse_chain" in m.__dict__
     ref = copy.deepcopy(m)
@@ -318,7 +302,7 @@ def test_chain_equals_layer_by_layer(hidden, bias, act, batch):
 
 
 def test_chain_steps_aside_for_hooks_and_replaced_weights():
-    m = _pruned_mlp()
+    m = pruned_mlp()
     set_compute(m, "sparse")
     x = torch.randn(4, 1, 6, 6)
     from sparsefl.nn.sparse_compute import chain_forward
@@ -339,7 +323,7 @@ def test_chain_steps_aside_for_hooks_and_replaced_weights():
 
 
 def test_chain_refuses_bad_arguments():
-    m = _pruned_mlp()
+    m = pruned_mlp()
     set_compute(m, "sparse")
     ls = [m[1], m[3], m[5]]
     w, b = [mod.weight for mod in ls], [mod.bias for mod in ls]

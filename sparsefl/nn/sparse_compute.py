@@ -394,20 +394,23 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
     choice; every later one, in any process, reads it.  The two paths agree to fp32
     rounding, not bit for bit, so per-process timing would let a resumed run or a Flower
     node take the other path near a tie and drift from an uninterrupted run."""
-    key = _key(m, x_shape)
+    m.compute = _recorded(_key(m, x_shape), lambda: _calibrate(m, x_shape))
+    return m.compute
+
+
+def _recorded(key: tuple, measure) -> str:
+    """The machine's recorded choice for `key`, else measure() -> (dense s, sparse s) and
+    record "sparse" only when clearly faster (near a tie the dense path is safer)."""
     if key not in _AUTO_CACHE:
         with _locked_decisions() as table:
             name = repr(key)
             if table.get(name) in ("sparse", "dense"):
                 _AUTO_CACHE[key] = table[name]
             else:
-                td, ts = _calibrate(m, x_shape)
-                AUTO_TIMINGS[key] = (td, ts)
-                # sparse only when clearly faster: near a tie the dense path is safer
+                td, ts = AUTO_TIMINGS[key] = measure()
                 _AUTO_CACHE[key] = table[name] = "sparse" if ts < SPARSE_MARGIN * td \
                     else "dense"
-    m.compute = _AUTO_CACHE[key]
-    return m.compute
+    return _AUTO_CACHE[key]
 
 
 def _time_fused(layers: tuple[nn.Module, ...], n: int, batch: int, reps: int) -> float:
@@ -476,19 +479,8 @@ def _decide_fused(model: nn.Module, layers: tuple[nn.Module, ...],
     key = ("fused", tuple((tuple(m.weight.shape), m._pruning_configured(),
                            _density_bucket(m._spec.support.nnz / max(m.weight.numel(), 1)))
                           for m in layers), shape)
-    if key not in _AUTO_CACHE:
-        with _locked_decisions() as table:
-            name = repr(key)
-            if table.get(name) in ("sparse", "dense"):
-                _AUTO_CACHE[key] = table[name]
-            else:
-                n = 4 * batch
-                tf = _time_fused(layers, n, batch, reps=3)
-                td = _time_dense_step(model, layers, shape, reps=5)
-                AUTO_TIMINGS[key] = (td, tf)
-                _AUTO_CACHE[key] = table[name] = "sparse" if tf < SPARSE_MARGIN * td \
-                    else "dense"
-    return _AUTO_CACHE[key]
+    return _recorded(key, lambda: (_time_dense_step(model, layers, shape, reps=5),
+                                   _time_fused(layers, 4 * batch, batch, reps=3)))
 
 
 def _input_shapes(model: nn.Module, sample: Tensor) -> dict[nn.Module, tuple[int, ...]]:
