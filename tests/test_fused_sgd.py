@@ -257,6 +257,7 @@ def test_auto_decides_for_the_chain(tmp_path, monkeypatch):
     cache = tmp_path / "auto.json"
     monkeypatch.setenv("SPARSEFL_AUTO_CACHE", str(cache))
     monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    monkeypatch.setattr(spc, "AUTO_TIMINGS", {})
 
     def model():
         torch.manual_seed(0)
