@@ -206,9 +206,10 @@ SFL_INLINE void forward_layer(const Layer& l, float* y, int64_t T, int64_t nb, b
 }
 
 // Mean cross-entropy of the logit tiles z (C classes) against target; dz into z.
-float cross_entropy(float* z, int64_t C, int64_t T, int64_t nb, const int64_t* target) {
+float cross_entropy(float* z, int64_t C, int64_t nb, const int64_t* target,
+                    std::vector<float>& row) {
   double total = 0.0;
-  std::vector<float> row(C);
+  row.resize(C);
   for (int64_t n = 0; n < nb; ++n) {
     float* base = z + (n / kL) * C * kL + n % kL;
     float m = -INFINITY;
@@ -221,7 +222,6 @@ float cross_entropy(float* z, int64_t C, int64_t T, int64_t nb, const int64_t* t
       base[c * kL] = (std::exp(row[c] - lse) - (c == target[n] ? 1.0f : 0.0f)) /
                      static_cast<float>(nb);
   }
-  (void)T;
   return static_cast<float>(total / static_cast<double>(nb));
 }
 
@@ -301,6 +301,7 @@ SFL_INLINE bool run_steps(Run& r) {
       gb(Tmax * cmax * kL);
   std::vector<int64_t> target(r.batch);
   Scratch scratch;
+  std::vector<float> row;
   int64_t step = 0;
   for (int64_t ep = 0; ep < r.epochs; ++ep) {
     const int64_t* perm = r.order + ep * r.n;
@@ -326,7 +327,7 @@ SFL_INLINE bool run_steps(Run& r) {
         float* out = li + 1 < nl ? Ls[li + 1].in.data() : logits.data();
         forward_layer(l, out, T, nb, li + 1 < nl);
       }
-      r.losses[step] = cross_entropy(logits.data(), Ls.back().cout, T, nb, target.data());
+      r.losses[step] = cross_entropy(logits.data(), Ls.back().cout, nb, target.data(), row);
       float* dy = logits.data();
       for (int64_t li = nl - 1; li >= 0; --li) {
         Layer& l = Ls[li];
