@@ -4,8 +4,9 @@ torch.optim.SGD, step by step.
 
 Over hidden sizes (1-3 layers), batches that leave a partial tile (1, 16, 35), activation
 pruning on/off with ties, empty rows, 0% and 100% weight density, momentum and weight
-decay; bad input raises ValueError; opcheck; the engine path (client.fused) ends where
-the step loop ends.
+decay; bad input raises ValueError (a dtype other than float32: TypeError; fp16/bf16 models
+train through the layers' own path, tests/test_sparse_compute.py); opcheck; the engine
+path (client.fused) ends where the step loop ends.
 """
 
 from __future__ import annotations
@@ -187,6 +188,13 @@ def test_bad_input(backend):
         call(omegas=stale)
     with pytest.raises(ValueError, match="beta"):
         call(betas=[1.25, 0.5, 1.25])
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # fp32 only: a clear error
+        with pytest.raises(TypeError, match="float32"):
+            call(x=x.reshape(len(y), -1).to(dtype))
+        with pytest.raises(TypeError, match="float32"):
+            call(omegas=[mod.weight.detach().to(dtype) for mod in _layers(m)])
+    with pytest.raises(ValueError, match="matrix"):
+        call(omegas=[torch.tensor(1.0)] + [mod.weight.detach() for mod in _layers(m)][1:])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -355,8 +355,10 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_sgd_cpu(
                         rowptrs.size() == nl && cols.size() == nl && densities.size() == nl,
                     kOp, ": omegas, biases, betas, rowptrs, cols and densities need one entry "
                     "per layer");
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), kOp,
-                    ": x must be a contiguous float32 (samples, features) tensor");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, kOp, ": x must be float32, got ",
+                   x.scalar_type(), " (other dtypes train through the layers' own path)");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), kOp,
+                    ": x must be a contiguous (samples, features) CPU tensor");
   const int64_t n = x.size(0);
   TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == n && y.scalar_type() == at::kLong &&
                         y.is_contiguous(), kOp, ": y must be int64 with one label per sample");
@@ -371,28 +373,25 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_sgd_cpu(
   for (int64_t i = 0; i < order.numel(); ++i)
     TORCH_CHECK_VALUE(po[i] >= 0 && po[i] < n, kOp, ": order holds ", po[i],
                       ", outside [0, ", n, ")");
-  const int64_t classes = omegas[nl - 1].size(0);
-  const int64_t* py = y.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < classes, kOp, ": label ", py[i],
-                      " outside [0, ", classes, ")");
   std::vector<Layer> Ls(nl);
   const int64_t T = (std::min(batch, std::max<int64_t>(n, 1)) + kL - 1) / kL;
   for (size_t i = 0; i < nl; ++i) {
     const at::Tensor& w = omegas[i];
     Layer& l = Ls[i];
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous() &&
-                          w.device().is_cpu(), kOp, ": layer ", i,
-                      "'s weight must be a contiguous float32 CPU matrix");
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, kOp, ": layer ", i,
+                     "'s weight must be float32, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), kOp,
+                      ": layer ", i, "'s weight must be a contiguous CPU matrix");
     l.cout = w.size(0), l.cin = w.size(1);
     TORCH_CHECK_VALUE(l.cin == (i == 0 ? x.size(1) : Ls[i - 1].cout), kOp, ": layer ", i,
                       " takes ", l.cin, " features but gets ",
                       i == 0 ? x.size(1) : Ls[i - 1].cout);
     const at::Tensor& b = biases[i];
     const bool has_bias = b.defined() && b.numel() > 0;
-    TORCH_CHECK_VALUE(!has_bias || (b.dim() == 1 && b.size(0) == l.cout &&
-                                    b.scalar_type() == at::kFloat && b.is_contiguous()),
-                      kOp, ": layer ", i, "'s bias must be float32 with ", l.cout, " entries");
+    TORCH_CHECK_TYPE(!has_bias || b.scalar_type() == at::kFloat, kOp, ": layer ", i,
+                     "'s bias must be float32, got ", b.scalar_type());
+    TORCH_CHECK_VALUE(!has_bias || (b.dim() == 1 && b.size(0) == l.cout && b.is_contiguous()),
+                      kOp, ": layer ", i, "'s bias must hold ", l.cout, " entries");
     TORCH_CHECK_VALUE(betas[i] >= 1.0 && std::isfinite(betas[i]), kOp, ": beta must be >= 1");
     const at::Tensor& rp = rowptrs[i];
     const at::Tensor& cc = cols[i];
@@ -435,6 +434,11 @@ std::tuple<at::Tensor, int64_t> sparse_mlp_sgd_cpu(
     if (momentum != 0.0) l.mom.resize(l.nnz), l.bmom.resize(l.cout);
     l.in.assign(T * l.cin * kL, 0.0f), l.kept.assign(T * l.cin * kL, 0.0f);
   }
+  const int64_t classes = Ls.back().cout;
+  const int64_t* py = y.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(py[i] >= 0 && py[i] < classes, kOp, ": label ", py[i],
+                      " outside [0, ", classes, ")");
   const int64_t steps = epochs * ((n + batch - 1) / batch);
   auto losses = at::empty({steps}, x.options());
   Run r{Ls, x.data_ptr<float>(), py, po, n, epochs, batch, static_cast<float>(lr),

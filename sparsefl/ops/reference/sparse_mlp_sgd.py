@@ -49,8 +49,11 @@ def check(x: Tensor, y: Tensor, order: Tensor, batch_size: int, omegas: Sequence
                                                         act_densities)):
         raise ValueError(f"{OP}: omegas, biases, betas, rowptrs, cols and densities need one "
                          "entry per layer")
-    if x.dim() != 2 or x.dtype != torch.float32:
-        raise ValueError(f"{OP}: x must be a float32 (samples, features) tensor")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{OP}: x must be float32, got {x.dtype} (other dtypes train "
+                        "through the layers' own path)")
+    if x.dim() != 2:
+        raise ValueError(f"{OP}: x must be a (samples, features) tensor")
     n = x.shape[0]
     if y.shape != (n,) or y.dtype != torch.int64:
         raise ValueError(f"{OP}: y must be int64 with one label per sample")
@@ -62,19 +65,17 @@ def check(x: Tensor, y: Tensor, order: Tensor, batch_size: int, omegas: Sequence
         raise ValueError(f"{OP}: lr, momentum and weight decay must be >= 0")
     if order.numel() and (int(order.min()) < 0 or int(order.max()) >= n):
         raise ValueError(f"{OP}: order holds indices outside [0, {n})")
-    classes = omegas[-1].shape[0]
-    if n and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ValueError(f"{OP}: a label is outside [0, {classes})")
     masks = []
     cin = x.shape[1]
     for i, (w, b, beta, rp, c) in enumerate(zip(omegas, biases, betas, rowptrs, cols)):
-        if w.dim() != 2 or w.dtype != torch.float32:
-            raise ValueError(f"{OP}: layer {i}'s weight must be a float32 matrix")
+        if w.dtype != torch.float32 or (b.numel() and b.dtype != torch.float32):
+            raise TypeError(f"{OP}: layer {i}'s weight and bias must be float32")
+        if w.dim() != 2:
+            raise ValueError(f"{OP}: layer {i}'s weight must be a matrix")
         if w.shape[1] != cin:
             raise ValueError(f"{OP}: layer {i} takes {w.shape[1]} features but gets {cin}")
-        if b.numel() and (b.shape != (w.shape[0],) or b.dtype != torch.float32):
-            raise ValueError(f"{OP}: layer {i}'s bias must be float32 with {w.shape[0]} "
-                             "entries")
+        if b.numel() and b.shape != (w.shape[0],):
+            raise ValueError(f"{OP}: layer {i}'s bias must hold {w.shape[0]} entries")
         if not beta >= 1.0:
             raise ValueError(f"{OP}: beta must be >= 1")
         if rp.shape != (w.shape[0] + 1,) or rp.dtype != torch.int64 or c.dtype != torch.int32 \
@@ -93,6 +94,9 @@ def check(x: Tensor, y: Tensor, order: Tensor, batch_size: int, omegas: Sequence
                              "(a new model was loaded?): call set_compute(model, ...) again")
         masks.append(mask)
         cin = w.shape[0]
+    classes = omegas[-1].shape[0]
+    if n and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"{OP}: a label is outside [0, {classes})")
     return masks
 
 
