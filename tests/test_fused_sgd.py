@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from conftest import pruned_mlp
+from torch import nn
 
 from sparsefl import _native, ops
 from sparsefl.fl import config as flconfig
@@ -144,6 +145,11 @@ def test_who_qualifies():
     m[5].bias.requires_grad_(False)
     assert fused_sgd(m) is None                  # a frozen parameter (FedBABU's head)
     m[5].bias.requires_grad_(True)
+    w = m[3].weight
+    m[3].weight = nn.Parameter(w.detach().clone())  # not the weight the chain was built on
+    assert fused_sgd(m) is None
+    m[3].weight = w
+    assert fused_sgd(m) is not None
     f = pruned_mlp(beta=1.0)
     assert set(set_compute(f, "sparse", fixed_support=True).values()) == {"sparse"}
     assert fused_sgd(f) is not None

@@ -27,18 +27,15 @@ Runner = Callable[[Tensor, Tensor, Tensor, int, float, float, float], tuple[Tens
 def fused_sgd(model: nn.Module) -> Runner | None:
     """A function that trains `model` in place with plain SGD in one call, or None when
     the model does not qualify (see the module docstring)."""
-    from sparsefl.nn.sparse_compute import _watched
+    from sparsefl.nn.sparse_compute import live_chain
 
-    chain = model.__dict__.get("_sparse_chain")
+    chain = live_chain(model)
     if chain is None or not model.training or not torch.is_grad_enabled():
         return None
-    layers, flat, mods, _, _ = chain
-    if _watched(mods):
-        return None
+    layers, flat = chain[:2]
     params = []
-    for m in layers:
-        if m.compute != "sparse" or not m._spec.native or m.weight.dtype != torch.float32 \
-                or m.weight.device.type != "cpu" or not m.weight.requires_grad \
+    for m in layers:  # the chain's layers are sparse and native (set_compute)
+        if m.weight.dtype != torch.float32 or not m.weight.requires_grad \
                 or (m.bias is not None and not m.bias.requires_grad):
             return None
         params += [m.weight] + ([m.bias] if m.bias is not None else [])

@@ -219,21 +219,30 @@ def _watched(mods: tuple[nn.Module, ...]) -> bool:
         or m._backward_pre_hooks for m in mods))
 
 
+def live_chain(model: nn.Module) -> tuple | None:
+    """The chain set_compute found (layers, flattens, modules, op arguments, keep-count
+    memo) while it still holds: every layer computes sparse on the weight it was built on
+    and no hook watches a module; None otherwise."""
+    chain = model.__dict__.get("_sparse_chain")
+    if chain is None:
+        return None
+    layers, _, mods, args, _ = chain
+    for m, w in zip(layers, args[0]):
+        if m.compute != "sparse" or m.weight is not w:
+            return None
+    return None if _watched(mods) else chain
+
+
 def chain_forward(model: nn.Module, x: Tensor) -> Tensor | None:
     """The model's whole forward as one C++ op (torch.ops.sparsefl_C.sparse_chain) when it
     is a chain of sparse Powerprop Linear layers and ReLUs (set_compute found it), every
     layer computes sparse in C++ and no hook watches a layer; None otherwise (the caller
     runs the modules one by one).  The same numbers as the layer-by-layer path."""
-    chain = model.__dict__.get("_sparse_chain")
+    chain = live_chain(model)
     if chain is None or x.dim() < 2:
         return None
     layers, flat, mods, args, ks_memo = chain
     if not flat and x.dim() != 2:
-        return None
-    for m, w in zip(layers, args[0]):
-        if m.compute != "sparse" or m.weight is not w:
-            return None
-    if _watched(mods):
         return None
     n = x.shape[0]
     key = (n, layers[0].training, torch.is_grad_enabled(), *(m.act_density for m in layers))
