@@ -5,6 +5,7 @@
     sparsefl analyze RUN_DIR
     sparsefl info
     sparsefl bench sam|topk|aggregate|codec|round|scaling|sparse-train|all
+    sparsefl bench round-cost CONFIG.toml [--set section.key=value ...] [--rounds N]
 """
 
 from __future__ import annotations
@@ -50,6 +51,17 @@ def _bench(args: argparse.Namespace) -> int:
         print(sparse_train.run(rounds=args.rounds if args.rounds != 30 else 5, quick=args.quick,
                                out_dir=args.out))
         return 0
+    if args.what == "round-cost":
+        from sparsefl.bench import round_cost
+
+        try:
+            print(round_cost.main(args.config, args.set, max(1, args.rounds if args.rounds != 30
+                                                              else 3),
+                                  args.warmup, args.threads, args.out))
+        except (ValueError, *fl_errors()) as e:
+            print(f"sparsefl bench round-cost: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.what == "round":
         from sparsefl.bench import round as round_bench
 
@@ -65,6 +77,14 @@ def _bench(args: argparse.Namespace) -> int:
                              backend=args.backend))
         print()
     return 0
+
+
+def fl_errors() -> tuple[type[BaseException], ...]:
+    """The errors a bad config or missing data raise (a clear message, not a traceback)."""
+    from sparsefl import fl
+    from sparsefl.errors import UserError
+
+    return (fl.ConfigError, UserError, FileNotFoundError)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -164,13 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="which kernels and backends this install has").set_defaults(
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
-    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round", "scaling",
-                                        "sparse-train", "all"],
+    bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round",
+                                        "round-cost", "scaling", "sparse-train", "all"],
                        help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
                             "aggregate: sparse aggregation; codec: payload sizes; round: one "
-                            "SparsyFed+FedSAM round, engine vs eager, per phase; sparse-train: "
+                            "SparsyFed+FedSAM round, engine vs eager, per phase; round-cost "
+                            "CONFIG: rounds of a config vs the same with plain torch layers "
+                            "(sparsity.method=none), per phase; sparse-train: "
                             "Powerprop layers and client steps, dense vs sparse vs auto")
-    bench.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
+    bench.add_argument("config", nargs="?", help="round-cost: the TOML config to measure")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="round-cost: override one config value (repeatable)")
+    bench.add_argument("--warmup", type=int, default=1,
+                       help="round-cost: untimed rounds first (default 1)")
+    bench.add_argument("--rounds", type=int, default=30,
+                       help="timed rounds (default 30; round: 2, round-cost: 3)")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--backend", default=None,
@@ -180,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--clients", type=int, default=10, help="round: clients (default 10)")
     bench.add_argument("--per-client", type=int, default=64,
                        help="round: training examples per client (default 64)")
-    bench.add_argument("--out", help="round/scaling: directory for the JSON, markdown and PNG")
+    bench.add_argument("--out", help="round/round-cost/scaling: directory for the JSON, "
+                       "markdown and PNG")
     bench.add_argument("--quick", action="store_true",
                        help="scaling: small sizes, a minute-scale smoke run")
     bench.set_defaults(func=_bench)

@@ -8,6 +8,7 @@ non-contiguous inputs; the activation pack must equal the reference entry for en
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -291,3 +292,51 @@ def test_pack_support_matches_reference(backend, dtype):
                 assert a.dtype == b.dtype and torch.equal(a, b), (shape, density)
     with pytest.raises(ValueError, match="2-D or 4-D"):
         sc.pack_support(torch.zeros(3, 3, 3), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pack_threshold_is_the_count_pack(backend, dtype):
+    """tau (the first-batch rule): every |x| >= tau, the same pack as k = that count, for
+    small, large (sampled-bracket), strided, one-pixel and post-ReLU inputs, ties at tau
+    all kept, tau <= 0 keeping everything and tau = inf keeping nothing finite."""
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randn(20, 3, 6, 6, generator=g), (3, 3), (1, 1), (1, 1)),
+             (torch.randn(32, 4, 32, 32, generator=g).relu(), (3, 3), (2, 2), (1, 1)),
+             (torch.randint(0, 4, (17, 5, 9, 9), generator=g).float(), (3, 3), (1, 1), (1, 1)),
+             (torch.randn(40, 30, 1, 1, generator=g), (1, 1), (1, 1), (0, 0)),
+             (torch.randn(3, 2, 5, 5, generator=g)[:, :, ::2], (1, 1), (1, 1), (0, 0))]
+    for x, kernel, st, pd in cases:
+        x = x.to(dtype)
+        mag = x.float().abs().flatten()
+        for tau in (float(mag.kthvalue(max(1, mag.numel() // 2)).values),
+                    float(mag.max()), 2.0, 0.0, -1.0, math.inf):
+            k = int((mag >= tau).sum())
+            got = sc.sparse_act_pack(x, -1, kernel, st, pd, tau=tau, backend=backend)
+            want = sc.sparse_act_pack(x, -1, kernel, st, pd, tau=tau, backend="reference")
+            by_k = sc.sparse_act_pack(x, k, kernel, st, pd, backend="reference")
+            for a, b, c in zip(got, want, by_k):
+                assert torch.equal(a, b) and torch.equal(b, c), (tuple(x.shape), tau)
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(ValueError, match="k = -1"):
+        sc.sparse_act_pack(x, 10, (3, 3), (1, 1), (1, 1), tau=0.5, backend=backend)
+    with pytest.raises(ValueError, match="tau is NaN"):
+        sc.sparse_act_pack(x, -1, (3, 3), (1, 1), (1, 1), tau=math.nan, backend=backend)
+    nan = x.clone()
+    nan[1, 2, 3, 4] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sc.sparse_act_pack(nan, -1, (3, 3), (1, 1), (1, 1), tau=0.5, backend=backend)
+    torch.library.opcheck(torch.ops.sparsefl.sparse_act_pack.default,
+                          (x, -1, [3, 3], [1, 1], [1, 1], backend, 0.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pack_cut_at_zero_with_many_ties(backend):
+    """A post-ReLU input cut below its nonzero count: the cut is 0 and tens of thousands
+    of zeros tie there (the lowest NCHW indices win); exact, and no longer quadratic."""
+    x = torch.randn(16, 8, 28, 28, generator=torch.Generator().manual_seed(1)).relu()
+    for st in (1, 2):
+        k = (3 * x.numel()) // 4
+        got = sc.sparse_act_pack(x, k, (3, 3), (st, st), (1, 1), backend=backend)
+        want = sc.sparse_act_pack(x, k, (3, 3), (st, st), (1, 1), backend="reference")
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -135,3 +135,43 @@ def test_engine_options_reach_the_model(tmp_path):
     assert torch.count_nonzero(sim.model[1].bias) == 0
     sim.sparsifier.begin_client(sim.model, 1)
     assert sim.model[1].act_threshold == "first_batch"
+
+
+@pytest.mark.parametrize("threshold", ["per_batch", "first_batch"])
+@pytest.mark.parametrize("density", [0.1, 0.6])  # saved compressed / dense and masked
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dense_path_gradients_match_plain_torch(threshold, density, stride):
+    """The dense Powerprop path (one convolution_backward for dx, dw and the bias): dx from
+    theta, dw from the pruned input, db from dy -- equal to plain torch on the same
+    pruned input, whether the input was kept dense and masked or compressed."""
+    torch.manual_seed(4)
+    m = PowerpropConv2d(4, 6, 3, stride=stride, padding=1, bias=True, beta=1.25)
+    with torch.no_grad():
+        m.weight.mul_((torch.rand_like(m.weight) < density).float())
+    set_activation_density(nn.Sequential(m), threshold=threshold)
+    m.act_density = density
+    m.train()
+    m(torch.randn(5, 4, 9, 9)).sum().backward()  # the first batch (fixes tau)
+    m.zero_grad()
+    x = (2 * torch.randn(5, 4, 9, 9)).requires_grad_(True)
+    y = m(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    if threshold == "first_batch":
+        keep = x.detach().abs() >= m.act_tau
+    else:
+        idx = torch.ops.sparsefl.topk_compress([x.detach()], [], act_keep(m, x), "reference")[0]
+        keep = torch.zeros(x.numel(), dtype=torch.bool)
+        keep[idx] = True
+        keep = keep.view(x.shape)
+    theta = powerprop(m.weight.detach(), m.beta)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = nn.functional.conv2d(xr, theta, m.bias.detach(), stride, 1)
+    torch.testing.assert_close(y, yr)
+    dx_ref, = torch.autograd.grad((yr * gy).sum(), xr)
+    dtheta = torch.nn.grad.conv2d_weight(x.detach() * keep, theta.shape, gy, stride, 1)
+    torch.testing.assert_close(x.grad, dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        m.weight.grad, dtheta * m.beta * m.weight.detach().abs() ** (m.beta - 1),
+        rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m.bias.grad, gy.sum((0, 2, 3)))

@@ -1111,12 +1111,13 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
 }
 
 // The NCHW index of the entry at `pos` of a chunk (ties at the threshold go to the lower).
-int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const int64_t* counts) {
-  int64_t g = ch.t0 * p.sh * p.sw;
-  for (int64_t before = 0;; ++g) {  // the group holding pos
-    if (pos < before + counts[g]) break;
-    before += counts[g];
-  }
+// `starts`: every group's first position, G + 1 prefix sums of the counts; the group holding
+// pos is found by bisection (a walk from the chunk's first group made ties at a cut
+// quadratic: post-ReLU inputs cut at zero have ties in the tens of thousands).
+int64_t entry_flat(const PackChunk& ch, int64_t pos, const PackGeom& p, const int64_t* starts) {
+  const int64_t ga = ch.t0 * p.sh * p.sw, gb = ch.t1 * p.sh * p.sw;
+  const int64_t at = starts[ga] + pos;
+  const int64_t g = std::upper_bound(starts + ga, starts + gb + 1, at) - starts - 1;
   const int64_t b = g % p.sw, a = (g / p.sw) % p.sh, c = (g / (p.sw * p.sh)) % p.C;
   const int64_t nt = g / (p.sw * p.sh * p.C);
   const int64_t pix = ch.q[pos] / L, lane = ch.q[pos] % L;
@@ -1143,7 +1144,8 @@ int64_t pixel_base(const PackGeom& pg) { return (pg.ph * pg.Wq + pg.pw) * L; }
 // the outputs.  Same entries, order and tie rule as the general path.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& x, int64_t k,
                                                               const PackGeom& pg,
-                                                              const char* op) {
+                                                              const char* op,
+                                                              int64_t tau_key = -1) {
   const int64_t n = x.numel(), C = pg.C, G = pg.groups();
   std::vector<uint32_t> keys(n);
   std::vector<float> vals(n);
@@ -1158,7 +1160,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
   // keep(i) = key > ck, or key == ck and i <= tie
   uint32_t ck = 0;
   int64_t tie = -1;  // k == -1: the nonzeros
-  if (k == 0) {
+  if (tau_key >= 0) {  // a threshold: keep every key >= tau_key (ties all kept)
+    if (tau_key == 0) {
+      tie = INT64_MAX;
+    } else {
+      ck = static_cast<uint32_t>(tau_key - 1);
+      tie = -1;
+    }
+  } else if (k == 0) {
     ck = 0xffffffffu;
   } else if (k == n) {
     tie = INT64_MAX;
@@ -1207,16 +1216,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
   return {ptr, q, v};
 }
 
+// tau (SparsyFed's first-batch threshold): keep every entry with |x| >= tau instead of
+// the k largest (k must then be -1).  No selection at all: the threshold is known, so it
+// is the one pass that k == -1 makes, with tau's key as its lower bound.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     const at::Tensor& x_in, int64_t k, at::IntArrayRef kernel, at::IntArrayRef stride,
-    at::IntArrayRef padding) {
+    at::IntArrayRef padding, c10::optional<double> tau) {
   const char* op = "sparsefl.sparse_act_pack";
   check_float(x_in, op, "input");
   const PackGeom pg = pack_geom(x_in.sizes(), kernel, stride, padding, op);
   const at::Tensor x = x_in.contiguous();
   const int64_t G = pg.groups(), n = x.numel(), planes = pg.NT * pg.C;
   TORCH_CHECK_VALUE(k >= -1 && k <= n, op, ": k = ", k, " is outside [-1, ", n, "]");
-  if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1) return pack_one_pixel(x, k, pg, op);
+  int64_t tau_key = -1;  // -1: no threshold
+  if (tau.has_value()) {
+    TORCH_CHECK_VALUE(k == -1, op, ": give k = -1 with a threshold tau (got k = ", k, ")");
+    TORCH_CHECK_VALUE(!std::isnan(*tau), op, ": tau is NaN");
+    // |x| >= tau as keys: tau <= 0 keeps everything; the float nearest above tau otherwise
+    // (tau comes from a float tensor, so it is exact in float in practice)
+    const double t = *tau;
+    if (t <= 0) {
+      tau_key = 0;
+    } else {
+      float f = static_cast<float>(t);
+      if (static_cast<double>(f) < t) f = std::nextafter(f, INFINITY);
+      tau_key = magnitude_key(f);
+    }
+  }
+  if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1)
+    return pack_one_pixel(x, k, pg, op, tau_key);
   std::vector<int64_t> counts(G, 0);
   std::vector<PackChunk> chunks;
   std::mutex mu;
@@ -1283,7 +1311,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     return c;
   };
 
-  if (k == -1 || k == n || k == 0 || n == 0) {
+  if (tau_key >= 0) {
+    pass(static_cast<uint32_t>(tau_key), 0xffffffffu, false);
+  } else if (k == -1 || k == n || k == 0 || n == 0) {
     // nonzeros (key >= 1), everything (key >= 0) or nothing
     pass(k == -1 ? 1u : k == 0 ? 0xffffffffu : 0u, 0xffffffffu, false);
     if (k == 0)
@@ -1328,6 +1358,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     int64_t nc = 0;
     for (const auto& ch : chunks) nc += static_cast<int64_t>(ch.cand.size());
     MagnitudeCut cut;
+    std::vector<int64_t> starts(G + 1, 0);  // the groups' first positions (entry_flat)
+    auto count_starts = [&]() {
+      for (int64_t g = 0; g < G; ++g) starts[g + 1] = starts[g] + counts[g];
+    };
+    count_starts();
     if (!small && c_gt < k && k <= c_gt + nc) {
       const int64_t want = k - c_gt;  // the want-th largest candidate is the k-th key
       std::vector<uint32_t> keys;
@@ -1342,7 +1377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
       for (const auto& ch : chunks)
         for (const auto& c : ch.cand) {
           gt += c.key > cut.key;
-          if (c.key == cut.key) ties.push_back(entry_flat(ch, c.pos, pg, counts.data()));
+          if (c.key == cut.key) ties.push_back(entry_flat(ch, c.pos, pg, starts.data()));
         }
       const int64_t need_eq = want - gt;
       if (need_eq >= static_cast<int64_t>(ties.size())) {
@@ -1354,6 +1389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
     } else {  // small input, or the bracket missed: the exact threshold, then the pass
       cut = small ? small_cut() : magnitude_cut(x, k);
       pass(cut.key, cut.key, true);
+      count_starts();
     }
     // Drop the candidates below the cut, in place, fixing the group counts.
     const int64_t nch = static_cast<int64_t>(chunks.size());
@@ -1365,7 +1401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
           bool keep = c.key > cut.key;
           if (c.key == cut.key)  // rare: ties at the cut
             keep = cut.tie_cutoff == INT64_MAX ||
-                   entry_flat(ch, c.pos, pg, counts.data()) <= cut.tie_cutoff;
+                   entry_flat(ch, c.pos, pg, starts.data()) <= cut.tie_cutoff;
           ch.q[c.pos] = keep ? ch.q[c.pos] : -1;
           any |= !keep;
         }
@@ -1882,9 +1918,10 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
 // The activation pack, its time added to act_prune_ns (the engine's act_prune phase).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, int64_t k,
                                                           at::IntArrayRef kernel,
-                                                          const SparsePlan& plan) {
+                                                          const SparsePlan& plan,
+                                                          c10::optional<double> tau = {}) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto pack = sparse_act_pack_cpu(x4, k, kernel, plan.stride, plan.padding);
+  auto pack = sparse_act_pack_cpu(x4, k, kernel, plan.stride, plan.padding, tau);
   g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                         std::chrono::steady_clock::now() - t0).count();
   return pack;
@@ -1893,14 +1930,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, 
 struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& omega,
                             const c10::optional<at::Tensor>& bias, double beta,
-                            const c10::intrusive_ptr<SparsePlan>& plan, int64_t k, bool train) {
+                            const c10::intrusive_ptr<SparsePlan>& plan, int64_t k, bool train,
+                            c10::optional<double> tau) {
     const LayerView lv(x, omega);
     Geom g{};
     std::shared_ptr<const Plan> P;
     at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P);
     std::vector<at::Tensor> saved{omega};
     if (train && omega.requires_grad()) {
-      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan);
+      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan, tau);
       saved.push_back(p);
       saved.push_back(q);
       saved.push_back(v);
@@ -1947,21 +1985,22 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2))
       db = dy4.sum({0, 2, 3});
-    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dw, db, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor sparse_layer_autograd(const at::Tensor& x, const at::Tensor& omega,
                                  const c10::optional<at::Tensor>& bias, double beta,
-                                 int64_t plan, int64_t k, bool train) {
-  return SparseLayerFn::apply(x, omega, bias, beta, plan_of(plan), k, train);
+                                 int64_t plan, int64_t k, bool train,
+                                 c10::optional<double> tau) {
+  return SparseLayerFn::apply(x, omega, bias, beta, plan_of(plan), k, train, tau);
 }
 
 // Without autograd (inference mode): the forward alone.
 at::Tensor sparse_layer_cpu(const at::Tensor& x, const at::Tensor& omega,
                             const c10::optional<at::Tensor>& bias, double beta,
-                            int64_t plan, int64_t k, bool train) {
-  (void)k, (void)train;
+                            int64_t plan, int64_t k, bool train, c10::optional<double> tau) {
+  (void)k, (void)train, (void)tau;
   const LayerView lv(x, omega);
   Geom g{};
   std::shared_ptr<const Plan> P;
@@ -2151,15 +2190,15 @@ TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
                        std::vector<int64_t>, std::vector<int64_t>>())
       .def("handle", &plan_handle);
   m.def("sparse_layer(Tensor x, Tensor omega, Tensor? bias, float beta, int plan, int k, "
-        "bool train) -> Tensor");
+        "bool train, float? tau=None) -> Tensor");
   m.def("sparse_chain(Tensor x, Tensor[] omegas, Tensor[] biases, float[] betas, int[] plans, "
         "int[] ks, bool train) -> Tensor");
   m.def("act_prune_ns() -> int", &act_prune_ns);
   m.def("pack_support(Tensor omega) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, Tensor cols, "
         "Tensor? bias, int[] stride, int[] padding) -> Tensor");
-  m.def("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding, "
+        "float? tau=None) -> (Tensor, Tensor, Tensor)");
   m.def("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
         "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
         "int[] x_shape, int[] stride, "

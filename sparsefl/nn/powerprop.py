@@ -14,8 +14,12 @@ forward pass never synchronises with the device.
 
 `act_threshold = "first_batch"` is the SparsyFed authors' form for conv layers: the
 round's first training batch fixes the threshold tau (its k-th largest magnitude) and
-every later batch of the round keeps the entries with |x| >= tau, however many they are
-(`act_keep`; one extra count pass per batch).  Linear layers stay per batch, as theirs.
+every batch of the round keeps the entries with |x| >= tau, however many they are
+(`act_cut`).  A known threshold needs no selection: the kept input is one masking pass
+(dense path) or one packing pass (sparse path).  Linear layers stay per batch, as theirs.
+The dense path keeps the pruned input as a dense masked tensor when at least a third of it
+survives (then no smaller than indices + values) and compressed otherwise; its backward is
+one `convolution_backward` call for dx, dw and the bias.
 """
 
 from __future__ import annotations
@@ -87,33 +91,51 @@ def act_prune_seconds() -> float:
     return ACT_PRUNE_SECONDS[0] + native
 
 
-def act_keep(m: nn.Module, x: Tensor) -> int:
-    """How many entries of the layer input x this batch's activation pruning keeps: the
-    top-`act_density` count, or under "first_batch" (conv layers) the count at or above
-    the threshold fixed by the round's first batch."""
+def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
+    """How this batch's activation pruning cuts the layer input x: (k, None), keep the k
+    largest |x| (per batch), or (-1, tau) under "first_batch" (conv layers), keep every
+    |x| >= tau, tau being the k-th largest magnitude of the round's first batch."""
     k = keep_count(x.numel(), m.act_density)
     if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
-        return k
-    t0 = time.perf_counter()
-    mag = x.detach().abs()
+        return k, None
     if m.act_tau is None:
-        m.act_tau = (float(mag.reshape(-1).kthvalue(x.numel() - k + 1).values)
+        t0 = time.perf_counter()
+        m.act_tau = (float(x.detach().abs().reshape(-1).kthvalue(x.numel() - k + 1).values)
                      if k > 0 else math.inf)
-    k = int(torch.count_nonzero(mag >= m.act_tau))
-    ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
-    return k
+        ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
+    return -1, m.act_tau
 
 
-def _save_pruned(ctx, x: Tensor, k: int) -> None:
+def act_keep(m: nn.Module, x: Tensor) -> int:
+    """How many entries of x this batch's activation pruning keeps (act_cut as a count)."""
+    k, tau = act_cut(m, x)
+    return k if tau is None else int(torch.count_nonzero(x.detach().abs() >= tau))
+
+
+def _save_pruned(ctx, x: Tensor, k: int, tau: float | None = None) -> None:
+    """Save x pruned for the weight gradient: dense and masked when a third or more of it
+    survives (no larger than indices + values), else compressed."""
     t0 = time.perf_counter()
-    idx, val = torch.ops.sparsefl.topk_compress([x.detach()], [], k,
-                                                _backend.requested(None))
-    ctx.save_for_backward(idx, val)
+    xd = x.detach()
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    if tau is not None:
+        drop = xd.abs() < tau
+        if 3 * (xd.numel() - int(torch.count_nonzero(drop))) >= xd.numel():
+            ctx.save_for_backward(xd.masked_fill(drop, 0))
+        else:
+            idx = (~drop).reshape(-1).nonzero().flatten()
+            ctx.save_for_backward(idx, xd.reshape(-1)[idx])
+    else:
+        idx, val = torch.ops.sparsefl.topk_compress([xd], [], k, _backend.requested(None))
+        ctx.save_for_backward(idx, val)
     ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
 
 
-def _pruned_input(ctx, idx: Tensor, val: Tensor) -> Tensor:
+def _pruned_input(ctx) -> Tensor:
+    saved = ctx.saved_tensors
+    if len(saved) == 1:  # kept dense
+        return saved[0]
+    idx, val = saved
     t0 = time.perf_counter()
     flat = torch.zeros(ctx.x_shape.numel(), dtype=ctx.x_dtype, device=val.device)
     out = flat.index_copy_(0, idx, val).view(ctx.x_shape)
@@ -130,12 +152,11 @@ class _PrunedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        idx, val = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = gy.matmul(ctx.w)
         if ctx.needs_input_grad[1]:
-            xp = _pruned_input(ctx, idx, val)
+            xp = _pruned_input(ctx)
             gw = gy.reshape(-1, gy.shape[-1]).t().matmul(xp.reshape(-1, xp.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy.reshape(-1, gy.shape[-1]).sum(0)
@@ -144,25 +165,30 @@ class _PrunedLinear(torch.autograd.Function):
 
 class _PrunedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: int, stride,
-                padding, dilation, groups) -> Tensor:
-        _save_pruned(ctx, x, k)
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, k: int, tau: float | None,
+                stride, padding, dilation, groups) -> Tensor:
+        _save_pruned(ctx, x, k, tau)
         ctx.w, ctx.has_bias = w.detach(), b is not None
         ctx.conf = (stride, padding, dilation, groups)
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        idx, val = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(ctx.x_shape, ctx.w, gy, *ctx.conf)
-        if ctx.needs_input_grad[1]:
-            gw = torch.nn.grad.conv2d_weight(_pruned_input(ctx, idx, val), ctx.w.shape, gy,
-                                             *ctx.conf)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 2, 3))
-        return gx, gw, gb, None, None, None, None, None
+        stride, padding, dilation, groups = ctx.conf
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], ctx.has_bias and need[2]]
+        if not any(mask):
+            return None, None, None, None, None, None, None, None, None
+        # one call for all three: dx reads only w and dy, so the pruned input serves it too
+        xp = _pruned_input(ctx) if need[1] else gy.new_empty(1).expand(ctx.x_shape)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, xp, ctx.w, [ctx.w.shape[0]] if mask[2] else None, _pair(stride),
+            _pair(padding), _pair(dilation), False, [0, 0], groups, mask)
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 class _PowerpropMixin:
@@ -213,7 +239,7 @@ class PowerpropLinear(_PowerpropMixin, nn.Linear):
     def _dense_forward(self, x: Tensor) -> Tensor:
         w = powerprop(self.weight, self.beta)
         if self._pruning():
-            return _PrunedLinear.apply(x, w, self.bias, act_keep(self, x))
+            return _PrunedLinear.apply(x, w, self.bias, act_cut(self, x)[0])
         return F.linear(x, w, self.bias)
 
 
@@ -229,7 +255,7 @@ class PowerpropConv2d(_PowerpropMixin, nn.Conv2d):
         if self._pruning():
             if isinstance(self.padding, str):
                 raise ValueError("activation pruning needs numeric padding")
-            return _PrunedConv2d.apply(x, w, self.bias, act_keep(self, x), self.stride,
+            return _PrunedConv2d.apply(x, w, self.bias, *act_cut(self, x), self.stride,
                                        self.padding, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

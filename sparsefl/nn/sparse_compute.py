@@ -45,7 +45,7 @@ from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
     POWERPROP,
     PowerpropConv2d,
-    act_keep,
+    act_cut,
     act_prune_seconds,
 )
 from sparsefl.ops import sparse_conv as sc
@@ -130,10 +130,11 @@ class _SparseLayer(torch.autograd.Function):
         ctx.has_bias = bias is not None
         if ctx.needs_input_grad[1]:
             t0 = time.perf_counter()
-            k = act_keep(m, x) if prune else -1
-            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding)
+            k, tau = act_cut(m, x) if prune else (-1, None)
+            pack = (torch.ops.sparsefl_C.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding,
+                                                         tau)
                     if sp.native else
-                    tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding,
+                    tuple(sc.sparse_act_pack(x4, k, sp.kernel, sp.stride, sp.padding, tau=tau,
                                              backend="reference")))
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
             ctx.save_for_backward(omega, *pack)
@@ -181,10 +182,10 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
     prune = m._pruning()
     if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node; it
         # checks the support itself (as _check_support)
-        k = act_keep(m, x) if prune else -1
+        k, tau = act_cut(m, x) if prune else (-1, None)
         train = torch.is_grad_enabled() and m.weight.requires_grad
         y = torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id, k,
-                                              train)
+                                              train, tau)
     else:
         _check_support(m)
         y = _SparseLayer.apply(x, m.weight, m.bias, m, prune)

@@ -65,7 +65,7 @@ def set_activation_density(model: nn.Module, enabled: bool = True,
     """SparsyFed: each Powerprop layer keeps the fraction (1 - s_l) of its saved input,
     s_l being the layer's current weight sparsity (constant during a round).
     threshold="first_batch": conv layers keep |x| >= the threshold of the next training
-    batch (the round's first) from then on (the authors' form; powerprop.act_keep)."""
+    batch (the round's first) from then on (the authors' form; powerprop.act_cut)."""
     if threshold not in ACT_THRESHOLDS:
         raise ValueError(f"set_activation_density: threshold must be one of {ACT_THRESHOLDS}, "
                          f"got {threshold!r}")

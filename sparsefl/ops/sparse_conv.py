@@ -48,7 +48,7 @@ _lib = torch.library.Library("sparsefl", "FRAGMENT")
 _lib.define("sparse_conv_forward(Tensor x, Tensor omega, float beta, Tensor rowptr, "
             "Tensor cols, Tensor? bias, int[] stride, int[] padding, str backend) -> Tensor")
 _lib.define("sparse_act_pack(Tensor x, int k, int[] kernel, int[] stride, int[] padding, "
-            "str backend) -> (Tensor, Tensor, Tensor)")
+            "str backend, float? tau=None) -> (Tensor, Tensor, Tensor)")
 _lib.define("sparse_conv_backward(Tensor grad_output, Tensor xptr, Tensor xq, Tensor xv, "
             "Tensor omega, float beta, Tensor rowptr, Tensor cols, Tensor cptr, Tensor cent, "
             "int[] x_shape, int[] stride, int[] padding, bool need_dx, bool need_dw, "
@@ -75,10 +75,10 @@ def _forward_impl(x, omega, beta, rowptr, cols, bias, stride, padding, backend):
     return _ref.sparse_conv_forward(x, omega, beta, rowptr, cols, bias, stride, padding)
 
 
-def _pack_impl(x, k, kernel, stride, padding, backend):
+def _pack_impl(x, k, kernel, stride, padding, backend, tau=None):
     if _native(backend, [x], "sparse_act_pack"):
-        return torch.ops.sparsefl_C.sparse_act_pack(x, k, kernel, stride, padding)
-    return _ref.sparse_act_pack(x, k, kernel, stride, padding)
+        return torch.ops.sparsefl_C.sparse_act_pack(x, k, kernel, stride, padding, tau)
+    return _ref.sparse_act_pack(x, k, kernel, stride, padding, tau)
 
 
 def _backward_impl(dy, xptr, xq, xv, omega, beta, rowptr, cols, cptr, cent, x_shape, stride,
@@ -112,7 +112,7 @@ def _(x, omega, beta, rowptr, cols, bias, stride, padding, backend):
 
 
 @torch.library.register_fake("sparsefl::sparse_act_pack", lib=_lib)
-def _(x, k, kernel, stride, padding, backend):
+def _(x, k, kernel, stride, padding, backend, tau=None):
     n = x.shape[0]
     groups = -(-n // LANES) * x.shape[1] * stride[0] * stride[1] + 1
     ctx = torch.library.get_ctx()
@@ -140,13 +140,14 @@ def sparse_conv_forward(x: Tensor, omega: Tensor, beta: float, support: Support,
 
 
 def sparse_act_pack(x: Tensor, k: int, kernel: Sequence[int], stride: Sequence[int] = (1, 1),
-                    padding: Sequence[int] = (0, 0), *,
+                    padding: Sequence[int] = (0, 0), *, tau: float | None = None,
                     backend: str | None = None) -> ActPack:
-    """The k largest-|x| entries of x (k = -1: every nonzero), packed for the weight
-    gradient of a layer with this kernel, stride and padding."""
-    return ActPack(*torch.ops.sparsefl.sparse_act_pack(x, int(k), list(kernel), list(stride),
-                                                       list(padding),
-                                                       _backend.requested(backend)))
+    """The k largest-|x| entries of x (k = -1: every nonzero; k = -1 with `tau`: every
+    entry with |x| >= tau, one pass and no selection), packed for the weight gradient of a
+    layer with this kernel, stride and padding."""
+    return ActPack(*torch.ops.sparsefl.sparse_act_pack(
+        x, int(k), list(kernel), list(stride), list(padding), _backend.requested(backend),
+        None if tau is None else float(tau)))
 
 
 def sparse_conv_backward(dy: Tensor, pack: ActPack, omega: Tensor, beta: float,

@@ -21,6 +21,7 @@ TypeError with the same meaning as the C++ kernels (csrc/cpu/sparse_conv.cpp).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -181,7 +182,10 @@ def _pack_geometry(x_shape, kernel, stride, padding, op: str) -> int:
     return (kernel[1] - 1) // stride[1] + (x_shape[3] - 1 + padding[1]) // stride[1] + 1
 
 
-def sparse_act_pack(x: Tensor, k: int, kernel, stride, padding) -> tuple[Tensor, Tensor, Tensor]:
+def sparse_act_pack(x: Tensor, k: int, kernel, stride, padding,
+                    tau: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """k >= 0: the k largest |x| (ties to the lower flat index); k = -1: every nonzero, or
+    with a threshold tau every entry with |x| >= tau (SparsyFed's first-batch rule)."""
     from sparsefl.ops.reference.topk import topk_compress
 
     op = "sparsefl.sparse_act_pack"
@@ -189,11 +193,20 @@ def sparse_act_pack(x: Tensor, k: int, kernel, stride, padding) -> tuple[Tensor,
     wq = _pack_geometry(tuple(x.shape), kernel, stride, padding, op)
     if not -1 <= k <= x.numel():
         raise ValueError(f"{op}: k = {k} is outside [-1, {x.numel()}]")
+    if tau is not None:
+        if k != -1:
+            raise ValueError(f"{op}: give k = -1 with a threshold tau (got k = {k})")
+        if math.isnan(tau):
+            raise ValueError(f"{op}: tau is NaN")
     n, c, h, w = x.shape
     (sh, sw), (ph, pw) = stride, padding
     nt = -(-n // LANES)
     flat = x.reshape(-1)
-    if k == -1:
+    if tau is not None:
+        if torch.isnan(flat).any():
+            raise ValueError(f"{op}: input contains NaN")
+        idx = (flat.float().abs() >= tau).nonzero().flatten()
+    elif k == -1:
         if torch.isnan(flat).any():
             raise ValueError(f"{op}: input contains NaN")
         idx = flat.nonzero().flatten()
