@@ -390,12 +390,16 @@ def run(rounds: int = 5, quick: bool = False, out_dir: str | None = None,
     n = 1 << 24
     copy_t = measure(copy_workload(n).fn, rounds=10)
     copy_gbs = 8 * n / copy_t.median_s / 1e9
+    from sparsefl.bench import machine
+
     res = {"threads": torch.get_num_threads(), "copy_gbs": copy_gbs,
+           "machine": machine.describe(),
            "layers": bench_layers(rounds, quick), "steps": bench_steps(rounds, quick),
            "training": bench_training(rounds, quick)}
     if memory:
         res["memory"] = bench_memory(quick)
-    text = (f"Sparse training, {res['threads']} threads; copy bandwidth {copy_gbs:.1f} GB/s "
+    text = (f"Sparse training on {machine.line(res['machine'])}, {res['threads']} threads; "
+            f"copy bandwidth {copy_gbs:.1f} GB/s "
             "(read + write).\n\nPer layer (forward + backward; batch 64 convs, 32 linear):\n\n"
             + _fmt_layers(res["layers"]) + "\n\nPer client step (forward + backward):\n\n"
             + _fmt_steps(res["steps"])
