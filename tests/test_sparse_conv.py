@@ -188,7 +188,8 @@ def test_thread_count_does_not_change_bits():
 @needs_cpp
 @pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
 def test_other_isa_paths(env):
-    """AVX2 and portable loops (run in a subprocess: the ISA is chosen once per process)."""
+    """AVX2 and portable loops, the layer and the activation pack (run in a subprocess: the
+    ISA is chosen once per process)."""
     code = ("import torch; from tests.test_sparse_conv import *\n"
             "for shape in SHAPES:\n"
             "    x, omega, st, pd = make(shape, 0.1)\n"
@@ -196,6 +197,10 @@ def test_other_isa_paths(env):
             "st, pd)\n"
             "    assert rel(got[0], want[0]) < 2e-6 and rel(got[2], want[2]) < 2e-6 and "
             "rel(got[3], want[3]) < 2e-6, shape\n"
+            "test_pack_edge_cases('cpp'); test_pack_large_and_adversarial('cpp')\n"
+            "test_pack_cut_at_zero_with_many_ties('cpp')\n"
+            "for dt in (torch.float32, torch.bfloat16):\n"
+            "    test_pack_threshold_is_the_count_pack('cpp', dt)\n"
             "print('ok')")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,

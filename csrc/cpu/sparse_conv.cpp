@@ -1071,10 +1071,89 @@ SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int6
 #endif
 }
 
+// Stride 1: one phase, and an image's rows are contiguous, so a plane is scanned as one
+// run of H*W entries per image with each entry's position from a table (qoff[hw] = the
+// padded grid position * L; + the lane).  The per-row scans above paid their setup and a
+// scalar tail per row: on the small images of a ResNet's late stages (4x4, 7x7) most of
+// a row is tail.  Same entries in the same order (images, rows, columns).
+template <typename T>
+__attribute__((noinline)) void scan_flat(const T* __restrict x, int64_t lanes, int64_t img,
+                                         int64_t HW, const int32_t* __restrict qoff,
+                                         int32_t* __restrict sq, float* __restrict sv,
+                                         int64_t& cnt, uint32_t lo, uint32_t hi,
+                                         int64_t& above_out, uint32_t& max_out) {
+  int64_t n = cnt, above = 0;
+  uint32_t mx = 0;
+  for (int64_t i = 0; i < lanes; ++i) {
+    const T* row = x + i * img;
+    const int32_t li = static_cast<int32_t>(i);
+    for (int64_t j = 0; j < HW; ++j) {
+      const float val = static_cast<float>(row[j]);
+      const uint32_t key = magnitude_key(val);
+      sq[n] = qoff[j] + li;
+      sv[n] = val;
+      n += key >= lo;
+      above += key > hi;
+      mx = std::max(mx, key);
+    }
+  }
+  cnt = n;
+  above_out += above;
+  max_out = std::max(max_out, mx);
+}
+
+SFL_AVX512 void scan_flat_avx512(const float* __restrict x, int64_t lanes, int64_t img,
+                                 int64_t HW, const int32_t* __restrict qoff,
+                                 int32_t* __restrict sq, float* __restrict sv, int64_t& cnt,
+                                 uint32_t lo, uint32_t hi, int64_t& above_out,
+                                 uint32_t& max_out) {
+#if defined(SFL_X86)
+  int64_t n = cnt, above = 0;
+  __m512i mxv = _mm512_setzero_si512();
+  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t i = 0; i < lanes; ++i) {
+    const float* row = x + i * img;
+    const __m512i li = _mm512_set1_epi32(static_cast<int32_t>(i));
+    for (int64_t j = 0; j < HW; j += 16) {
+      // the last block of an image: only its first HW - j lanes are entries
+      const __mmask16 in = HW - j >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (HW - j)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(in, row + j);
+      const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
+      const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(in, key, lov);
+      above += __builtin_popcount(_mm512_mask_cmpgt_epu32_mask(in, key, hiv));
+      mxv = _mm512_max_epu32(mxv, key);
+      const __m512i q = _mm512_add_epi32(_mm512_maskz_loadu_epi32(in, qoff + j), li);
+      _mm512_storeu_ps(sv + n, _mm512_maskz_compress_ps(keep, v));
+      _mm512_storeu_si512(sq + n, _mm512_maskz_compress_epi32(keep, q));
+      n += __builtin_popcount(keep);
+    }
+  }
+  cnt = n;
+  above_out += above;
+  alignas(64) uint32_t m16[16];
+  _mm512_store_si512(m16, mxv);
+  max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
+#else  // never selected off x86
+  scan_flat<float>(x, lanes, img, HW, qoff, sq, sv, cnt, lo, hi, above_out, max_out);
+#endif
+}
+
+// qoff for scan_flat: entry (ih, iw) of a stride-1 plane sits at grid (ih + ph, iw + pw).
+std::vector<int32_t> flat_offsets(const PackGeom& p) {
+  std::vector<int32_t> q(p.H * p.W);
+  for (int64_t ih = 0; ih < p.H; ++ih)
+    for (int64_t iw = 0; iw < p.W; ++iw)
+      q[ih * p.W + iw] = static_cast<int32_t>(((ih + p.ph) * p.Wq + iw + p.pw) * L);
+  return q;
+}
+
 template <typename T>
 void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t lo, uint32_t hi,
                 bool track, PackChunk& out, int32_t* sq, float* sv, int64_t stage,
-                int64_t* counts) {
+                int64_t* counts, const int32_t* qoff) {
   const int64_t lanes = std::min(L, p.N - nt * L), HW = p.H * p.W;
   const int64_t base = (nt * L * p.C + c) * HW, img = p.C * HW;
   const int64_t phases = p.sh * p.sw;
@@ -1082,8 +1161,20 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
   int64_t cnt[64];  // per phase (phases <= 64 is checked by the caller)
   for (int64_t f = 0; f < phases; ++f) cnt[f] = 0;
   bool done = false;
+  if (qoff != nullptr) {  // stride 1 (the caller's choice)
+    if constexpr (std::is_same_v<T, float>) {
+      if (isa() == Isa::kAvx512) {
+        scan_flat_avx512(x + base, lanes, img, HW, qoff, sq, sv, cnt[0], lo, hi, out.above,
+                         out.kmax);
+        done = true;
+      }
+    }
+    if (!done)
+      scan_flat(x + base, lanes, img, HW, qoff, sq, sv, cnt[0], lo, hi, out.above, out.kmax);
+    done = true;
+  }
   if constexpr (std::is_same_v<T, float>) {
-    if (p.sw <= 2 && isa() == Isa::kAvx512) {
+    if (!done && p.sw <= 2 && isa() == Isa::kAvx512) {
       (p.sw == 1 ? scan_plane_avx512<1> : scan_plane_avx512<2>)(
           x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
       done = true;
@@ -1248,6 +1339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   std::vector<int64_t> counts(G, 0);
   std::vector<PackChunk> chunks;
   std::mutex mu;
+  const std::vector<int32_t> qoff =
+      pg.sh == 1 && pg.sw == 1 ? flat_offsets(pg) : std::vector<int32_t>();
 
   // One pass over all planes with bracket [lo, hi]; returns the count of keys above hi.
   auto pass = [&](uint32_t lo, uint32_t hi, bool track) {
@@ -1269,7 +1362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
         ch.v.reserve(ch.q.capacity());
         for (int64_t t = t0; t < t1; ++t)
           pack_plane(xs, pg, t / pg.C, t % pg.C, lo, hi, track, ch, sq.get(), sv.get(), stage,
-                     counts.data());
+                     counts.data(), qoff.empty() ? nullptr : qoff.data());
         std::lock_guard<std::mutex> g(mu);
         chunks.push_back(std::move(ch));
       });
