@@ -101,6 +101,62 @@ def test_non_contiguous_input():
 
 
 
+@pytest.mark.parametrize("case", [0, 1, 2, 4])  # 3x3 s1, 3x3 s2, 1x1 s2, 5x5 + bias
+@pytest.mark.parametrize("keep", [0.6, 0.1])  # the input kept as tiles / as a pack
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_batch_layer_both_forms_of_the_kept_input(case, keep, dtype):
+    """Under the first-batch threshold the fused layer keeps the pruned input as its
+    forward's pixel tiles (a quarter or more survives: the weight gradient without
+    gathers) or as a pack; either way dx, domega and the bias equal the dense path's."""
+    torch.manual_seed(case)
+    make, shape = LAYERS[case]
+    dense = make().to(dtype)
+    with torch.no_grad():
+        dense.weight.mul_(ops.topk_mask(dense.weight.float(), 0.3).to(dtype))
+    set_activation_density(nn.Sequential(dense), threshold="first_batch")
+    dense.act_density = keep
+    sparse = copy.deepcopy(dense)
+    set_compute(sparse, "sparse")
+    dense.train()
+    sparse.train()
+    first = torch.randn(shape).to(dtype)
+    dense(first)
+    sparse(first)
+    assert sparse.act_tau == dense.act_tau is not None
+    x = (1.5 * torch.randn(shape)).to(dtype)
+    gy = torch.randn(dense(x).shape).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(grads(sparse, x, gy), grads(dense, x, gy)):
+        assert a.dtype == b.dtype and rel(a, b) < tol
+    bad = x.clone()
+    bad.view(-1)[7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sparse(bad).sum().backward()
+
+
+@pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
+def test_layer_on_other_isa_paths(env):
+    """The fused layer (both forms of the kept input) on the AVX2 and portable loops, in a
+    subprocess: the ISA is chosen once per process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, sys; sys.path.insert(0, 'tests')\n"
+            "from tests.test_sparse_compute import *\n"
+            "for case in (0, 1, 2, 4):\n"
+            "    for keep in (0.6, 0.1):\n"
+            "        test_first_batch_layer_both_forms_of_the_kept_input(case, keep, "
+            "torch.float32)\n"
+            "    for act in (1.0, 0.3):\n"
+            "        test_layer_sparse_equals_dense(case, 0.2, act)\n"
+            "print('ok')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, env=dict(os.environ, **{env: "1"}), timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("pruning", [False, True])
 def test_model_loss_and_gradients(pruning):
     """A whole ResNet step.  With activation pruning the top-k of each layer input is a

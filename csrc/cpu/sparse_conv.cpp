@@ -807,9 +807,11 @@ int64_t escapes_of(const T* w, int64_t numel, const Plan& P) {
 // ---------------------------------------------------------------------------------------
 
 // y = conv(x, theta_S) + bias with the support's plan; b: float32 bias or undefined.
+// tiles: when given, receives the input in pixel tiles ([NT][C][Hp][Wp][16], zero padding
+// and zero lanes past N) that the convolution read.
 at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double beta,
                            const int64_t* rp, const Plan& P, const at::Tensor& b,
-                           const Geom& g, const char* op) {
+                           const Geom& g, const char* op, at::Tensor* tiles = nullptr) {
   auto y = at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
   if (g.N == 0) return y;
   const int64_t nnz = static_cast<int64_t>(P.widx.size());
@@ -838,6 +840,7 @@ at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double 
                 1, 1);
     run_conv<T>(a);
   });
+  if (tiles != nullptr) *tiles = xt;
   return y;
 }
 
@@ -1307,6 +1310,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
   return {ptr, q, v};
 }
 
+// |x| >= tau as magnitude keys: tau <= 0 keeps everything (key >= 0); otherwise the key of
+// the float nearest above tau (tau comes from a float tensor: exact in float in practice).
+int64_t tau_key_of(double tau, const char* op) {
+  TORCH_CHECK_VALUE(!std::isnan(tau), op, ": tau is NaN");
+  if (tau <= 0) return 0;
+  float f = static_cast<float>(tau);
+  if (static_cast<double>(f) < tau) f = std::nextafter(f, INFINITY);
+  return magnitude_key(f);
+}
+
 // tau (SparsyFed's first-batch threshold): keep every entry with |x| >= tau instead of
 // the k largest (k must then be -1).  No selection at all: the threshold is known, so it
 // is the one pass that k == -1 makes, with tau's key as its lower bound.
@@ -1322,17 +1335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   int64_t tau_key = -1;  // -1: no threshold
   if (tau.has_value()) {
     TORCH_CHECK_VALUE(k == -1, op, ": give k = -1 with a threshold tau (got k = ", k, ")");
-    TORCH_CHECK_VALUE(!std::isnan(*tau), op, ": tau is NaN");
-    // |x| >= tau as keys: tau <= 0 keeps everything; the float nearest above tau otherwise
-    // (tau comes from a float tensor, so it is exact in float in practice)
-    const double t = *tau;
-    if (t <= 0) {
-      tau_key = 0;
-    } else {
-      float f = static_cast<float>(t);
-      if (static_cast<double>(f) < t) f = std::nextafter(f, INFINITY);
-      tau_key = magnitude_key(f);
-    }
+    tau_key = tau_key_of(*tau, op);
   }
   if (pg.H == 1 && pg.W == 1 && pg.sh == 1 && pg.sw == 1)
     return pack_one_pixel(x, k, pg, op, tau_key);
@@ -1647,6 +1650,72 @@ void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
   wgrad_rows<gather_dot_portable>(a, lo, hi, d);
 }
 
+// Weight gradient from the pruned input kept dense, in the forward's own pixel tiles
+// (xt: [C][Hp][Wp][16] per batch tile, the pruned entries zeroed): for a weight (co, ci, kh,
+// kw) of S,
+//   dtheta += sum over output pixels (oh, ow) of dyp[co][Ph+oh][Pw+ow] . xt[ci][oh*sh+kh][ow*sw+kw]
+// as 16-lane FMAs: no gathers, work |S| * OH * OW per tile whatever the activation density.
+// The gather-dots cost |S| * (kept inputs) but a gather of 16 is several times an FMA, so
+// once a quarter of the input survives (the early, dense-ish layers of a SparsyFed ResNet,
+// or no activation pruning at all) this is the cheaper form, and keeping xt costs no more
+// memory than packing it (4 bytes per entry either way).  Four accumulators over the
+// columns hide the FMA latency; each weight is summed by one thread in a fixed order.
+struct WgradDenseArgs {
+  const float* xt;      // one batch tile: [C][Hp][Wp][16]
+  const float* dyp;     // one batch tile: [Co][Hq][Wq][16]
+  const int64_t* rowptr;
+  const int32_t* cols;  // ci * KH * KW + kh * KW + kw, per row entry
+  int64_t Hp, Wp, Hq, Wq, Ph, Pw, OH, OW, sh, sw, KH, KW;
+};
+
+template <typename V>
+SFL_INLINE void wgrad_dense_rows(const WgradDenseArgs& a, int64_t lo, int64_t hi,
+                                 float* dth) {
+  constexpr int NV = static_cast<int>(L * sizeof(float) / sizeof(V));  // vectors per pixel
+  const int64_t KK = a.KH * a.KW, xplane = a.Hp * a.Wp * L, dplane = a.Hq * a.Wq * L;
+  for (int64_t co = lo; co < hi; ++co) {
+    const float* db = a.dyp + co * dplane + (a.Ph * a.Wq + a.Pw) * L;
+    for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
+      const int64_t c = a.cols[j], ci = c / KK, kh = (c % KK) / a.KW, kw = c % a.KW;
+      const float* xb = a.xt + ci * xplane + (kh * a.Wp + kw) * L;
+      V acc[4][NV] = {};
+      for (int64_t oh = 0; oh < a.OH; ++oh) {
+        const float* dr = db + oh * a.Wq * L;
+        const float* xr = xb + oh * a.sh * a.Wp * L;
+        int64_t ow = 0;
+        for (; ow + 4 <= a.OW; ow += 4)
+          for (int u = 0; u < 4; ++u)
+            for (int h = 0; h < NV; ++h) {
+              const int64_t o = ow + u;
+              acc[u][h] += vload<V>(dr + o * L + h * (L / NV)) *
+                           vload<V>(xr + o * a.sw * L + h * (L / NV));
+            }
+        for (; ow < a.OW; ++ow)
+          for (int h = 0; h < NV; ++h)
+            acc[0][h] += vload<V>(dr + ow * L + h * (L / NV)) *
+                         vload<V>(xr + ow * a.sw * L + h * (L / NV));
+      }
+      V sum = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]);
+      for (int h = 1; h < NV; ++h) sum += (acc[0][h] + acc[1][h]) + (acc[2][h] + acc[3][h]);
+      alignas(64) float lanes[sizeof(V) / sizeof(float)];
+      vstore(lanes, sum);
+      float t = 0.f;
+      for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) t += lanes[l];
+      dth[j] += t;
+    }
+  }
+}
+
+SFL_AVX512 void wgrad_dense_avx512(const WgradDenseArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_dense_rows<v16>(a, lo, hi, d);
+}
+SFL_AVX2 void wgrad_dense_avx2(const WgradDenseArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_dense_rows<v8>(a, lo, hi, d);
+}
+void wgrad_dense_portable(const WgradDenseArgs& a, int64_t lo, int64_t hi, float* d) {
+  wgrad_dense_rows<v4>(a, lo, hi, d);
+}
+
 // Weight gradient of a one-pixel 1x1 layer (a Linear layer) for one batch tile, dense then
 // read on the support: rows[co][c] = sum over lanes of dyp[co][lane] * xt[c][lane], built
 // as axpys over the input channels, lanes in order.  With a small batch each weight meets a
@@ -1712,10 +1781,13 @@ void check_pack(const Geom& g, const at::Tensor& xptr, const at::Tensor& xq,
 }
 
 // dx and domega with the support's plan (checks done by the caller).
+// xt_dense (the fused layer only): the pruned input kept as the forward's pixel tiles
+// instead of a pack (xptr/xq/xv unused then); cols: the support rows' column indices.
 std::tuple<at::Tensor, at::Tensor> backward_planned(
     const at::Tensor& dy, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
     const at::Tensor& omega, double beta, const int64_t* rp, const Plan& P, const Geom& g,
-    at::IntArrayRef x_shape, bool need_dx, bool need_dw, const char* op) {
+    at::IntArrayRef x_shape, bool need_dx, bool need_dw, const char* op,
+    const float* xt_dense = nullptr, const int32_t* cols = nullptr) {
   at::Tensor dx, dw;
   if (g.N == 0 || (!need_dx && !need_dw)) {
     if (need_dx) dx = at::zeros(x_shape, dy.options());
@@ -1794,7 +1866,23 @@ std::tuple<at::Tensor, at::Tensor> backward_planned(
                  : isa() == Isa::kAvx2   ? &rows_dense_avx2
                                          : &rows_dense_portable;
     const int64_t qbase = (g.ph * Wq + g.pw) * L;  // the pixel's position (pixel_base)
+    auto dense_fn = isa() == Isa::kAvx512 ? &wgrad_dense_avx512
+                  : isa() == Isa::kAvx2   ? &wgrad_dense_avx2
+                                          : &wgrad_dense_portable;
     for (int64_t nt = 0; nt < g.NT; ++nt) {
+      if (xt_dense != nullptr) {
+        WgradDenseArgs a{};
+        a.xt = xt_dense + nt * g.C * g.Hp() * g.Wp() * L;
+        a.dyp = dyp.data_ptr<float>() + nt * g.Co * Hq * Wq * L;
+        a.rowptr = rp; a.cols = cols;
+        a.Hp = g.Hp(); a.Wp = g.Wp(); a.Hq = Hq; a.Wq = Wq; a.Ph = Ph; a.Pw = Pw;
+        a.OH = g.OH; a.OW = g.OW; a.sh = g.sh; a.sw = g.sw; a.KH = g.KH; a.KW = g.KW;
+        const double work = double(nnz) * g.OH * g.OW * L;
+        at::parallel_for(0, g.Co, grain(g.Co, work), [&](int64_t lo, int64_t hi) {
+          dense_fn(a, lo, hi, dth.data());
+        });
+        continue;
+      }
       if (dense_rows) {
         std::fill(xt.begin(), xt.end(), 0.0f);
         const int64_t* xp = xptr.data_ptr<int64_t>() + nt * g.C;
@@ -1990,7 +2078,7 @@ constexpr const char* kLayerOp = "sparsefl.sparse_layer";
 // set_compute), then computes y on the support.
 at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double beta,
                          const c10::optional<at::Tensor>& bias, SparsePlan& sp, Geom& g,
-                         std::shared_ptr<const Plan>& P) {
+                         std::shared_ptr<const Plan>& P, at::Tensor* tiles = nullptr) {
   check_operands(lv.x4, "input", lv.w4, beta, kLayerOp);
   sp.check_weight(lv.w4, kLayerOp);
   g = make_geom(lv.x4.sizes(), lv.w4, sp.stride, sp.padding, kLayerOp);
@@ -2005,7 +2093,40 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
               "outside the support packed by set_compute(); the weights changed since (a new "
               "model was loaded?): call set_compute(model, ...) again");
   return forward_planned(x, w, beta, sp.rowptr.data_ptr<int64_t>(), *P,
-                         float_bias(bias, g, kLayerOp), g, kLayerOp);
+                         float_bias(bias, g, kLayerOp), g, kLayerOp, tiles);
+}
+
+// Activation pruning on the forward's input tiles, in place: every entry with |x| below
+// the threshold key becomes 0 (key 0: nothing to prune); returns how many nonzeros stay.
+// The kept set is the pack's (|x| >= tau, or the nonzeros), so the weight gradient is the
+// same sum whichever form keeps it.  NaN input is refused as the pack refuses it.
+int64_t prune_tiles(at::Tensor& xt, int64_t tau_key) {
+  float* d = xt.data_ptr<float>();
+  const int64_t n = xt.numel();
+  const uint32_t lo = static_cast<uint32_t>(tau_key);
+  constexpr int64_t kBlock = 1 << 14;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<int64_t> kept(blocks, 0);
+  std::vector<uint32_t> mx(blocks, 0);
+  at::parallel_for(0, blocks, grain(blocks, double(n)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t c = 0;
+      uint32_t m = 0;
+      for (int64_t i = b * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
+        const uint32_t key = magnitude_key(d[i]);
+        m = std::max(m, key);
+        d[i] = key >= lo ? d[i] : 0.0f;
+        c += key >= lo && key != 0;
+      }
+      kept[b] = c;
+      mx[b] = m;
+    }
+  });
+  TORCH_CHECK_VALUE(*std::max_element(mx.begin(), mx.end()) <= 0x7f800000u,
+                    "sparsefl.sparse_act_pack: input contains NaN");
+  int64_t total = 0;
+  for (const int64_t c : kept) total += c;
+  return total;
 }
 
 // The activation pack, its time added to act_prune_ns (the engine's act_prune phase).
@@ -2028,14 +2149,32 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const LayerView lv(x, omega);
     Geom g{};
     std::shared_ptr<const Plan> P;
-    at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P);
+    const bool grad_w = train && omega.requires_grad();
+    // A threshold (or no pruning) on a spatial input: the kept input may stay in the
+    // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.
+    const bool may_keep_tiles = grad_w && k == -1 && lv.x4.dim() == 4 &&
+                                lv.x4.size(2) * lv.x4.size(3) > 1;
+    at::Tensor xt;
+    at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P,
+                                 may_keep_tiles ? &xt : nullptr);
     std::vector<at::Tensor> saved{omega};
-    if (train && omega.requires_grad()) {
+    bool dense_x = false;
+    if (may_keep_tiles && xt.defined()) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
+      const int64_t kept = prune_tiles(xt, tk);
+      dense_x = 4 * kept >= lv.x4.numel();
+      if (dense_x) saved.push_back(xt);
+      g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now() - t0).count();
+    }
+    if (grad_w && !dense_x) {
       auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan, tau);
       saved.push_back(p);
       saved.push_back(q);
       saved.push_back(v);
     }
+    ctx->saved_data["dense_x"] = dense_x;
     ctx->save_for_backward(saved);
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["plan"] = plan;
@@ -2058,13 +2197,22 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const at::Tensor dy = grads[0];
     const at::Tensor dy4 = (linear ? dy.reshape({-1, cout, 1, 1}) : dy).contiguous();
     const bool need_dx = ctx->needs_input_grad(0);
-    const bool need_dw = ctx->needs_input_grad(1) && saved.size() == 4;
+    const bool dense_x = ctx->saved_data["dense_x"].toBool();
+    const bool need_dw = ctx->needs_input_grad(1) && saved.size() == (dense_x ? 2 : 4);
     const char* op = "sparsefl.sparse_layer (backward)";
     check_operands(dy4, "grad_output", w4, beta, op);
     const Geom g = make_geom(x4_shape, w4, plan->stride, plan->padding, op);
     check_grad_output(dy4, g, op);
     at::Tensor ptr, q, v;
-    if (saved.size() == 4) {
+    const float* xt = nullptr;
+    if (dense_x && saved.size() == 2) {
+      TORCH_CHECK(saved[1].numel() == g.NT * g.C * g.Hp() * g.Wp() * L, op,
+                  ": internal error, kept input tiles of the wrong size");
+      xt = saved[1].data_ptr<float>();
+      ptr = at::zeros({g.NT * g.C * g.sh * g.sw + 1}, dy4.options().dtype(at::kLong));
+      q = at::empty({0}, dy4.options().dtype(at::kInt));
+      v = at::empty({0}, dy4.options().dtype(at::kFloat));
+    } else if (saved.size() == 4) {
       ptr = saved[1], q = saved[2], v = saved[3];
       check_pack(g, ptr, q, v, /*deep=*/false, op);
     }
@@ -2072,7 +2220,8 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     if (need_dx || need_dw) {
       std::tie(dx, dw) = backward_planned(dy4, ptr, q, v, w4, beta,
                                           plan->rowptr.data_ptr<int64_t>(), *plan->get(g), g,
-                                          x4_shape, need_dx, need_dw, op);
+                                          x4_shape, need_dx, need_dw, op, xt,
+                                          plan->cols.data_ptr<int32_t>());
       if (need_dx) dx = dx.view(x_shape);
       if (need_dw) dw = dw.view(omega.sizes());
     }
