@@ -2097,32 +2097,80 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
 }
 
 // Activation pruning on the forward's input tiles, in place: every entry with |x| below
-// the threshold key becomes 0 (key 0: nothing to prune); returns how many nonzeros stay.
-// The kept set is the pack's (|x| >= tau, or the nonzeros), so the weight gradient is the
-// same sum whichever form keeps it.  NaN input is refused as the pack refuses it.
+// the threshold becomes 0 (threshold key 0: nothing to prune, 1: the nonzeros); returns
+// how many nonzeros stay.  The kept set is the pack's (|x| >= tau, or the nonzeros), so
+// the weight gradient is the same sum whichever form keeps it.  NaN input is refused as
+// the pack refuses it.
+typedef int32_t iv16 __attribute__((vector_size(64)));
+typedef int32_t iv8 __attribute__((vector_size(32)));
+typedef int32_t iv4 __attribute__((vector_size(16)));
+template <typename V> struct IntVec;  // the int32 vector of V's width
+template <> struct IntVec<v16> { using type = iv16; };
+template <> struct IntVec<v8> { using type = iv8; };
+template <> struct IntVec<v4> { using type = iv4; };
+
+template <typename V>
+SFL_INLINE int64_t prune_run(float* __restrict d, int64_t n, int32_t tk, bool& nan) {
+  // masks by sign shifts, not vector compares: GCC lowers a generic vector compare in this
+  // always-inline body for the default target (per-lane scalar compares), arithmetic
+  // stays vector.  Keys lie in [0, 2^31), so the differences below cannot overflow.
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  using I = typename IntVec<V>::type;
+  const I absmask = I{} + 0x7fffffff, tv = I{} + tk, inf = I{} + 0x7f800000;
+  I cnt{}, bad{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    I bits;
+    std::memcpy(&bits, d + i, sizeof bits);
+    const I key = bits & absmask;
+    const I keep = (tv - key - 1) >> 31;  // all ones where key >= tk
+    const I out = bits & keep;
+    std::memcpy(d + i, &out, sizeof out);
+    cnt -= keep & ((I{} - key) >> 31);  // +1 per kept nonzero
+    bad |= (inf - key) >> 31;           // NaN: key > 0x7f800000
+  }
+  int64_t c = 0;
+  bool b = false;
+  for (int64_t l = 0; l < W; ++l) c += cnt[l], b |= bad[l] != 0;
+  for (; i < n; ++i) {  // the tail
+    const uint32_t key = magnitude_key(d[i]);
+    const bool keep = key >= static_cast<uint32_t>(tk);
+    d[i] = keep ? d[i] : 0.0f;
+    c += keep && key != 0;
+    b |= key > 0x7f800000u;
+  }
+  nan = nan || b;
+  return c;
+}
+SFL_AVX512 int64_t prune_run_avx512(float* d, int64_t n, int32_t tk, bool& nan) {
+  return prune_run<v16>(d, n, tk, nan);
+}
+SFL_AVX2 int64_t prune_run_avx2(float* d, int64_t n, int32_t tk, bool& nan) {
+  return prune_run<v8>(d, n, tk, nan);
+}
+int64_t prune_run_portable(float* d, int64_t n, int32_t tk, bool& nan) {
+  return prune_run<v4>(d, n, tk, nan);
+}
+
 int64_t prune_tiles(at::Tensor& xt, int64_t tau_key) {
   float* d = xt.data_ptr<float>();
   const int64_t n = xt.numel();
-  const uint32_t lo = static_cast<uint32_t>(tau_key);
+  const int32_t tk = static_cast<int32_t>(tau_key);  // <= 0x7f800000: a signed compare
+  auto fn = isa() == Isa::kAvx512 ? &prune_run_avx512
+          : isa() == Isa::kAvx2   ? &prune_run_avx2
+                                  : &prune_run_portable;
   constexpr int64_t kBlock = 1 << 14;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<int64_t> kept(blocks, 0);
-  std::vector<uint32_t> mx(blocks, 0);
+  std::vector<char> nan(blocks, 0);
   at::parallel_for(0, blocks, grain(blocks, double(n)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t c = 0;
-      uint32_t m = 0;
-      for (int64_t i = b * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
-        const uint32_t key = magnitude_key(d[i]);
-        m = std::max(m, key);
-        d[i] = key >= lo ? d[i] : 0.0f;
-        c += key >= lo && key != 0;
-      }
-      kept[b] = c;
-      mx[b] = m;
+      bool bad = false;
+      kept[b] = fn(d + b * kBlock, std::min(kBlock, n - b * kBlock), tk, bad);
+      nan[b] = bad;
     }
   });
-  TORCH_CHECK_VALUE(*std::max_element(mx.begin(), mx.end()) <= 0x7f800000u,
+  TORCH_CHECK_VALUE(std::find(nan.begin(), nan.end(), 1) == nan.end(),
                     "sparsefl.sparse_act_pack: input contains NaN");
   int64_t total = 0;
   for (const int64_t c : kept) total += c;
