@@ -89,3 +89,18 @@ def pruned_mlp(hidden=(16, 12), bias=True, density=0.3, act=0.4, seed=0, beta=1.
                 mod.weight.mul_(ops.topk_mask(mod.weight, density))
                 mod.act_density = act
     return m
+
+
+def run_with_isa_off(env: str, code: str) -> None:
+    """Run `code` (Python, from the repository root, `tests` importable) in a subprocess
+    with the ISA switch `env` set to 1 -- the kernels choose their ISA once per process,
+    so the AVX2 and portable paths need a process of their own -- and assert that it
+    printed 'ok'."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests')\n"
+                          + code], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, **{env: "1"}), timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

@@ -12,13 +12,10 @@ path (client.fused) ends where the step loop ends.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import pruned_mlp
+from conftest import pruned_mlp, run_with_isa_off
 from torch import nn
 
 from sparsefl import _native, ops
@@ -247,16 +244,12 @@ def test_sparsyfed_run_fused_equals_loop(tmp_path):
 def test_other_isa_paths(env):
     """AVX2 and portable builds of the steps (a subprocess: the ISA is chosen once per
     process) against the reference."""
-    code = ("import sys; sys.path.insert(0, 'tests')\n"
-            "from tests.test_fused_sgd import *\n"
+    code = ("from tests.test_fused_sgd import *\n"
             "for hidden in [(16, 12), (9, 8, 7)]:\n"
             "    for batch in [1, 35]:\n"
             "        test_op_equals_reference('cpp', hidden, batch, 0.4)\n"
             "print('ok')")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, env=dict(os.environ, **{env: "1"}), timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_with_isa_off(env, code)
 
 
 @native

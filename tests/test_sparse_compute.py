@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import pruned_mlp, pruned_resnet
+from conftest import pruned_mlp, pruned_resnet, run_with_isa_off
 from torch import nn
 from torch.nn import functional as F
 
@@ -138,11 +138,7 @@ def test_first_batch_layer_both_forms_of_the_kept_input(case, keep, dtype):
 def test_layer_on_other_isa_paths(env):
     """The fused layer (both forms of the kept input) on the AVX2 and portable loops, in a
     subprocess: the ISA is chosen once per process."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import torch, sys; sys.path.insert(0, 'tests')\n"
+    code = ("import torch\n"
             "from tests.test_sparse_compute import *\n"
             "for case in (0, 1, 2, 4):\n"
             "    for keep in (0.6, 0.1):\n"
@@ -151,10 +147,7 @@ def test_layer_on_other_isa_paths(env):
             "    for act in (1.0, 0.3):\n"
             "        test_layer_sparse_equals_dense(case, 0.2, act)\n"
             "print('ok')")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, env=dict(os.environ, **{env: "1"}), timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_with_isa_off(env, code)
 
 
 @pytest.mark.parametrize("pruning", [False, True])

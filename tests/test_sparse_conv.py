@@ -9,12 +9,10 @@ non-contiguous inputs; the activation pack must equal the reference entry for en
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_with_isa_off
 
 from sparsefl import _native, ops
 from sparsefl.ops import sparse_conv as sc
@@ -202,10 +200,7 @@ def test_other_isa_paths(env):
             "for dt in (torch.float32, torch.bfloat16):\n"
             "    test_pack_threshold_is_the_count_pack('cpp', dt)\n"
             "print('ok')")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                         env=dict(os.environ, **{env: "1"}), timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_with_isa_off(env, code)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
