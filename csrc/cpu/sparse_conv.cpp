@@ -1782,7 +1782,7 @@ void check_pack(const Geom& g, const at::Tensor& xptr, const at::Tensor& xq,
 
 // dx and domega with the support's plan (checks done by the caller).
 // xt_dense (the fused layer only): the pruned input kept as the forward's pixel tiles
-// instead of a pack (xptr/xq/xv unused then); cols: the support rows' column indices.
+// instead of a pack (xptr/xq/xv are not read then); cols: the support rows' column indices.
 std::tuple<at::Tensor, at::Tensor> backward_planned(
     const at::Tensor& dy, const at::Tensor& xptr, const at::Tensor& xq, const at::Tensor& xv,
     const at::Tensor& omega, double beta, const int64_t* rp, const Plan& P, const Geom& g,
@@ -1857,9 +1857,9 @@ std::tuple<at::Tensor, at::Tensor> backward_planned(
     // A one-pixel 1x1 layer where the gather-dots would be mostly overhead (a few kept
     // inputs per weight): the tile's dense rows, read on the support.
     const bool one_pixel = g.H == 1 && g.W == 1 && g.KH == 1 && g.KW == 1 && S == 1;
-    const double kept_per_group = xq.numel() / double(g.NT * g.C);
-    const bool dense_rows = one_pixel && double(g.Co) * L * ((g.C + 15) / 16) <
-                                             double(nnz) * (kept_per_group + 4.0);
+    const double kept_per_group = xt_dense ? 0.0 : xq.numel() / double(g.NT * g.C);
+    const bool dense_rows = !xt_dense && one_pixel && double(g.Co) * L * ((g.C + 15) / 16) <
+                                                          double(nnz) * (kept_per_group + 4.0);
     std::vector<float> rows, xt;
     if (dense_rows) rows.resize(g.Co * g.C), xt.resize(L * g.C);
     auto rows_fn = isa() == Isa::kAvx512 ? &rows_dense_avx512
@@ -2200,8 +2200,7 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const bool grad_w = train && omega.requires_grad();
     // A threshold (or no pruning) on a spatial input: the kept input may stay in the
     // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.
-    const bool may_keep_tiles = grad_w && k == -1 && lv.x4.dim() == 4 &&
-                                lv.x4.size(2) * lv.x4.size(3) > 1;
+    const bool may_keep_tiles = grad_w && k == -1 && lv.x4.size(2) * lv.x4.size(3) > 1;
     at::Tensor xt;
     at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P,
                                  may_keep_tiles ? &xt : nullptr);
@@ -2256,10 +2255,7 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     if (dense_x && saved.size() == 2) {
       TORCH_CHECK(saved[1].numel() == g.NT * g.C * g.Hp() * g.Wp() * L, op,
                   ": internal error, kept input tiles of the wrong size");
-      xt = saved[1].data_ptr<float>();
-      ptr = at::zeros({g.NT * g.C * g.sh * g.sw + 1}, dy4.options().dtype(at::kLong));
-      q = at::empty({0}, dy4.options().dtype(at::kInt));
-      v = at::empty({0}, dy4.options().dtype(at::kFloat));
+      xt = saved[1].data_ptr<float>();  // no pack: ptr, q, v stay undefined
     } else if (saved.size() == 4) {
       ptr = saved[1], q = saved[2], v = saved[3];
       check_pack(g, ptr, q, v, /*deep=*/false, op);
