@@ -58,10 +58,10 @@ def run(config: str | None, overrides: list[str] | None = None, rounds: int = 3,
     if cfg.sparsity.method == "none":
         raise ValueError("round-cost: the config already has sparsity.method = none; "
                          "there is nothing to compare it with")
-    plain = fl.load(config, [*sets, "sparsity.method=none"])
     if cfg.decentralized.strategy != "none":
         raise ValueError("round-cost: federated configs only (decentralized.strategy = "
                          f"{cfg.decentralized.strategy!r})")
+    plain = fl.load(config, [*sets, "sparsity.method=none"])
     from sparsefl.nn import sparse_compute
 
     data = fldata.load(cfg.data.name, cfg.data.dir or None)

@@ -107,14 +107,16 @@ def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
 
 
 def act_keep(m: nn.Module, x: Tensor) -> int:
-    """How many entries of x this batch's activation pruning keeps (act_cut as a count)."""
+    """How many entries of x this batch's activation pruning keeps (act_cut as a count; the
+    layers never need it, the tests state the pruning rule with it)."""
     k, tau = act_cut(m, x)
     return k if tau is None else int(torch.count_nonzero(x.detach().abs() >= tau))
 
 
 def _save_pruned(ctx, x: Tensor, k: int, tau: float | None = None) -> None:
-    """Save x pruned for the weight gradient: dense and masked when a third or more of it
-    survives (no larger than indices + values), else compressed."""
+    """Save x pruned for the weight gradient.  Under a threshold tau: dense and masked when
+    a third or more of it survives (then no larger than indices + values), else as indices
+    + values; per batch (top k): always indices + values from topk_compress."""
     t0 = time.perf_counter()
     xd = x.detach()
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
