@@ -120,7 +120,7 @@ def test_which_layers_recompute():
     """With a sample batch: the layers whose output is at least half the largest (the
     stem and the first two stages of a ResNet); none in a model without BatchNorm."""
     m = pruned_resnet()
-    set_compute(m, "sparse", sample=torch.randn(2, 3, 16, 16))
+    set_compute(m, "sparse", sample=torch.randn(2, 3, 16, 16), recompute=True)
     chosen = {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)}
     stage = {n: (int(n.split(".")[1]) // 2 if n.startswith("layers.") else -1)
              for n, mod in m.named_modules() if isinstance(mod, POWERPROP)}
@@ -131,6 +131,53 @@ def test_which_layers_recompute():
     set_compute(mlp, "sparse", sample=torch.randn(3, 20))
     assert not rc.installed(mlp)
     assert not any(getattr(mod, "_recompute", False) for mod in mlp.modules())
+
+
+def test_auto_recomputes_only_large_outputs(monkeypatch):
+    """recompute="auto" (the default): with a sample whose largest recomputable output is
+    under RECOMPUTE_MIN_BYTES nothing recomputes (the extra forward would be pure cost);
+    at or above it, the same layers as recompute=True; without a sample, as True."""
+    from sparsefl.nn import sparse_compute
+
+    m = pruned_resnet()
+    x = torch.randn(2, 3, 16, 16)
+    set_compute(m, "sparse", sample=x)
+    assert not rc.installed(m)
+    assert not any(getattr(mod, "_recompute", False) for mod in m.modules())
+    set_compute(m, "sparse", sample=x, recompute=True)
+    always = {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)}
+    assert always
+    sizes = []
+    hooks = [mod.register_forward_hook(lambda mod, a, out: sizes.append(out.numel() * 4))
+             for mod in m.modules() if isinstance(mod, PowerpropConv2d)]
+    with torch.no_grad():
+        m.eval()(x)
+    m.train()
+    for h in hooks:
+        h.remove()
+    largest = max(sizes)  # bytes of the batch's largest conv output
+    for limit, expect in ((largest, always), (largest + 1, set())):
+        monkeypatch.setattr(sparse_compute, "RECOMPUTE_MIN_BYTES", limit)
+        set_compute(m, "sparse", sample=x)
+        assert {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)} == expect
+    set_compute(m, "sparse")  # no sample: the sizes are unknown, recompute as True
+    assert rc.installed(m)
+    with pytest.raises(ValueError, match="recompute must be"):
+        set_compute(m, "sparse", recompute="yes")
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("true", True), ("false", True),
+                                       ("1", False), ("sometimes", False)])
+def test_recompute_option_values(value, ok):
+    from sparsefl.fl import config as flconfig
+    from sparsefl.fl.config import ConfigError
+
+    if ok:
+        cfg = flconfig.load(None, [f"client.recompute={value}"])
+        assert cfg.client.recompute == {"auto": "auto", "true": True, "false": False}[value]
+    else:
+        with pytest.raises(ConfigError, match="client.recompute"):
+            flconfig.load(None, [f"client.recompute={value}"])
 
 
 def test_run_option_changes_memory_not_results(tmp_path, monkeypatch):

@@ -212,8 +212,8 @@ def make_step(name: str, batch: int, density: float, mode: str):
                     setattr(parent, cname, _plain(child))
     elif mode == "keep":
         set_compute(model, "sparse", sample=x, recompute=False)
-    else:
-        set_compute(model, mode, sample=x)
+    else:  # recompute always: the memory column shows what it saves at any size
+        set_compute(model, mode, sample=x, recompute=True)
     model.train()
     return model, x, y
 

@@ -75,8 +75,9 @@ class ClientSection:
     # dense path, or per layer whichever is faster here ("auto"; sparsefl.nn.set_compute)
     compute: str = "auto"
     # sparse compute: a BatchNorm after a sparse layer recomputes its input in backward
-    # instead of keeping it (less memory, a little more time; the same numbers)
-    recompute: bool = True
+    # instead of keeping it (less memory, a little more time; the same numbers); "auto":
+    # only when a batch's largest such output is >= 4 MiB (set_compute's recompute)
+    recompute: bool | str = "auto"
     # a sparse Powerprop MLP under plain SGD trains all its steps in one kernel call
     # (sparsefl.nn.fused_sgd): the same batches and updates, without the per-step overhead
     fused: bool = True
@@ -182,13 +183,20 @@ UNIT = {"data.test_fraction", "data.label_noise", "client.val_fraction", "sparsi
         "server.beta1", "server.beta2", "server.momentum"}
 
 
+# keys that take true, false or "auto"
+BOOL_OR_AUTO = {"client.recompute"}
+
+
 def _positive_ints(value: Any) -> bool:
     return isinstance(value, list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
+    if key in BOOL_OR_AUTO:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"{key}: must be true, false or \"auto\", got {value!r}")
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: must be true or false, got {value!r}")
     elif isinstance(default, int):
