@@ -974,118 +974,50 @@ __attribute__((noinline)) void scan_plane(const T* __restrict x, int64_t lanes, 
   max_out = std::max(max_out, mx);
 }
 
-// The same scan with AVX-512 compress for float inputs and column stride S = 1 or 2: 16
-// columns per step, the kept ones compressed into their phase's staging area (which has 16
-// floats of slack).  Column iw + j (iw a multiple of 16) has column phase (j + pw) % S and
-// grid column iw / S + (j + pw) / S; with S = 2 the 16 columns are 8 of each phase,
-// interleaved.  Entries land in the scalar scan's order (per phase: rows, then columns).
-template <int S>
-SFL_AVX512 void scan_plane_avx512(const float* __restrict x, int64_t lanes, int64_t img,
-                                  const PackGeom& p, int32_t* __restrict sq,
-                                  float* __restrict sv, int64_t stage,
-                                  int64_t* __restrict cnt, uint32_t lo, uint32_t hi,
-                                  int64_t& above_out, uint32_t& max_out) {
-#if defined(SFL_X86)
-  int64_t above = 0;
-  __m512i mxv = _mm512_setzero_si512();
-  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
-  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
-  alignas(64) int32_t st[16];
-  for (int j = 0; j < 16; ++j) st[j] = static_cast<int32_t>(((j + p.pw) / S) * L);
-  const __m512i step = _mm512_load_si512(st);
-  // S = 2, 32 columns at a time: half h holds columns 2m + h (m < 16), grid column
-  // (2m + h + pw) / 2 past the block's
-  __m512i half_idx[2], half_step[2];
-  for (int h = 0; h < 2; ++h) {
-    alignas(64) int32_t ix[16], hs[16];
-    for (int m = 0; m < 16; ++m)
-      ix[m] = 2 * m + h, hs[m] = static_cast<int32_t>(((2 * m + h + p.pw) / 2) * L);
-    half_idx[h] = _mm512_load_si512(ix);
-    half_step[h] = _mm512_load_si512(hs);
-  }
-  __mmask16 pmask[S];  // lanes j of column phase b: (j + pw) % S == b
-  for (int b = 0; b < S; ++b) {
-    pmask[b] = 0;
-    for (int j = 0; j < 16; ++j)
-      if ((j + p.pw) % S == b) pmask[b] = static_cast<__mmask16>(pmask[b] | (1u << j));
-  }
-  for (int64_t i = 0; i < lanes; ++i)
-    for (int64_t ih = 0; ih < p.H; ++ih) {
+// A plane scanned as one run of H*W entries per image, each entry's grid position and
+// phase from a table (FlatTable).  The per-row scans above paid their setup and a scalar
+// tail per row: on the small images of a ResNet's late stages (4x4, 7x7, 14x14) most of a
+// row is tail, for stride 2 all of it.  Within each phase the entries land in the per-row
+// scans' order (images, rows, columns): a phase's entries are a subsequence of the run.
+struct FlatTable {
+  std::vector<int32_t> qoff;    // [H*W]: the entry's grid position (u * Wq + v) * L
+  std::vector<uint8_t> phase;   // [H*W]: its phase a * sw + b
+  std::vector<uint16_t> pmask;  // [ceil(H*W / 16)][phases]: the lanes of a 16-entry block
+  int64_t phases = 1;           //   in each phase
+};
+
+// The flat scan covers strides up to 2 x 2 (more phases: the per-row scans).
+bool flat_scan_applies(const PackGeom& p) { return p.sh <= 2 && p.sw <= 2; }
+
+FlatTable flat_table(const PackGeom& p) {
+  FlatTable t;
+  const int64_t HW = p.H * p.W, blocks = (HW + 15) / 16;
+  t.phases = p.sh * p.sw;
+  t.qoff.resize(HW);
+  t.phase.resize(HW);
+  t.pmask.assign(blocks * t.phases, 0);
+  for (int64_t ih = 0; ih < p.H; ++ih)
+    for (int64_t iw = 0; iw < p.W; ++iw) {
+      const int64_t j = ih * p.W + iw;
       const int64_t a = (ih + p.ph) % p.sh, u = (ih + p.ph) / p.sh;
-      const float* row = x + i * img + ih * p.W;
-      int32_t* qd[S];
-      float* vd[S];
-      int64_t n[S];
-      for (int b = 0; b < S; ++b)
-        qd[b] = sq + (a * S + b) * stage, vd[b] = sv + (a * S + b) * stage, n[b] = cnt[a * S + b];
-      const int32_t qrow = static_cast<int32_t>(u * p.Wq * L + i);
-      int64_t iw = 0;
-      if constexpr (S == 2) {
-        // 32 columns per step, split into their two phases by two permutes: one compress
-        // per phase per 16 entries instead of one per phase per 16 columns
-        for (; iw + 32 <= p.W; iw += 32) {
-          const __m512 v0 = _mm512_loadu_ps(row + iw), v1 = _mm512_loadu_ps(row + iw + 16);
-          const __m512i base = _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / 2) * L));
-          for (int h = 0; h < 2; ++h) {  // columns iw + 2m + h: phase (h + pw) % 2
-            const __m512 v = _mm512_permutex2var_ps(v0, half_idx[h], v1);
-            const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
-            const __mmask16 kb = _mm512_cmpge_epu32_mask(key, lov);
-            above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
-            mxv = _mm512_max_epu32(mxv, key);
-            const int b = static_cast<int>((h + p.pw) % 2);
-            _mm512_storeu_ps(vd[b] + n[b], _mm512_maskz_compress_ps(kb, v));
-            _mm512_storeu_si512(qd[b] + n[b], _mm512_maskz_compress_epi32(
-                                                  kb, _mm512_add_epi32(base, half_step[h])));
-            n[b] += __builtin_popcount(kb);
-          }
-        }
-      }
-      for (; iw + 16 <= p.W; iw += 16) {
-        const __m512 v = _mm512_loadu_ps(row + iw);
-        const __m512i key = _mm512_and_si512(_mm512_castps_si512(v), absmask);
-        const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lov);
-        above += __builtin_popcount(_mm512_cmpgt_epu32_mask(key, hiv));
-        mxv = _mm512_max_epu32(mxv, key);
-        const __m512i q = _mm512_add_epi32(
-            _mm512_set1_epi32(qrow + static_cast<int32_t>((iw / S) * L)), step);
-        for (int b = 0; b < S; ++b) {
-          const __mmask16 kb = keep & pmask[b];
-          _mm512_storeu_ps(vd[b] + n[b], _mm512_maskz_compress_ps(kb, v));
-          _mm512_storeu_si512(qd[b] + n[b], _mm512_maskz_compress_epi32(kb, q));
-          n[b] += __builtin_popcount(kb);
-        }
-      }
-      uint32_t mx = 0;  // the tail, scalar, phase by phase
-      for (int b = 0; b < S; ++b) {
-        const int64_t iw0 = iw + ((b - p.pw) % S + S) % S;  // first column >= iw of phase b
-        const int32_t qv = static_cast<int32_t>((u * p.Wq + (iw0 + p.pw) / S) * L + i);
-        cnt[a * S + b] = append_kept(row, iw0, p.W, int64_t{S}, qv, qd[b], vd[b], n[b], lo,
-                                     hi, above, mx);
-      }
-      mxv = _mm512_max_epu32(mxv, _mm512_set1_epi32(static_cast<int32_t>(mx)));
+      const int64_t b = (iw + p.pw) % p.sw, v = (iw + p.pw) / p.sw;
+      t.qoff[j] = static_cast<int32_t>((u * p.Wq + v) * L);
+      t.phase[j] = static_cast<uint8_t>(a * p.sw + b);
+      t.pmask[(j / 16) * t.phases + a * p.sw + b] |= static_cast<uint16_t>(1u << (j % 16));
     }
-  above_out += above;
-  alignas(64) uint32_t m16[16];
-  _mm512_store_si512(m16, mxv);
-  max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
-#else  // never selected off x86 (isa() is portable there): the scalar scan
-  scan_plane<float>(x, lanes, img, p, sq, sv, stage, cnt, lo, hi, above_out, max_out);
-#endif
+  return t;
 }
 
-// Stride 1: one phase, and an image's rows are contiguous, so a plane is scanned as one
-// run of H*W entries per image with each entry's position from a table (qoff[hw] = the
-// padded grid position * L; + the lane).  The per-row scans above paid their setup and a
-// scalar tail per row: on the small images of a ResNet's late stages (4x4, 7x7) most of
-// a row is tail.  Same entries in the same order (images, rows, columns).
-template <typename T>
+// The scalar flat scan.  One phase keeps its count in a register; several index theirs.
+template <typename T, bool kMulti>
 __attribute__((noinline)) void scan_flat(const T* __restrict x, int64_t lanes, int64_t img,
-                                         int64_t HW, const int32_t* __restrict qoff,
+                                         int64_t HW, const FlatTable& ft,
                                          int32_t* __restrict sq, float* __restrict sv,
-                                         int64_t& cnt, uint32_t lo, uint32_t hi,
-                                         int64_t& above_out, uint32_t& max_out) {
-  int64_t n = cnt, above = 0;
+                                         int64_t stage, int64_t* __restrict cnt, uint32_t lo,
+                                         uint32_t hi, int64_t& above_out, uint32_t& max_out) {
+  const int32_t* __restrict qoff = ft.qoff.data();
+  const uint8_t* __restrict ph = ft.phase.data();
+  int64_t n = cnt[0], above = 0;
   uint32_t mx = 0;
   for (int64_t i = 0; i < lanes; ++i) {
     const T* row = x + i * img;
@@ -1093,25 +1025,37 @@ __attribute__((noinline)) void scan_flat(const T* __restrict x, int64_t lanes, i
     for (int64_t j = 0; j < HW; ++j) {
       const float val = static_cast<float>(row[j]);
       const uint32_t key = magnitude_key(val);
-      sq[n] = qoff[j] + li;
-      sv[n] = val;
-      n += key >= lo;
+      if constexpr (kMulti) {
+        const int64_t f = ph[j], at = f * stage + cnt[f];
+        sq[at] = qoff[j] + li;
+        sv[at] = val;
+        cnt[f] += key >= lo;
+      } else {
+        sq[n] = qoff[j] + li;
+        sv[n] = val;
+        n += key >= lo;
+      }
       above += key > hi;
       mx = std::max(mx, key);
     }
   }
-  cnt = n;
+  if constexpr (!kMulti) cnt[0] = n;
   above_out += above;
   max_out = std::max(max_out, mx);
 }
 
+// The same with AVX-512 compress, 16 entries a step: one compress per phase present.
 SFL_AVX512 void scan_flat_avx512(const float* __restrict x, int64_t lanes, int64_t img,
-                                 int64_t HW, const int32_t* __restrict qoff,
-                                 int32_t* __restrict sq, float* __restrict sv, int64_t& cnt,
+                                 int64_t HW, const FlatTable& ft, int32_t* __restrict sq,
+                                 float* __restrict sv, int64_t stage, int64_t* __restrict cnt,
                                  uint32_t lo, uint32_t hi, int64_t& above_out,
                                  uint32_t& max_out) {
 #if defined(SFL_X86)
-  int64_t n = cnt, above = 0;
+  const int32_t* __restrict qoff = ft.qoff.data();
+  const uint16_t* __restrict pm = ft.pmask.data();
+  const int64_t S = ft.phases;
+  int64_t n[4] = {cnt[0], S > 1 ? cnt[1] : 0, S > 2 ? cnt[2] : 0, S > 3 ? cnt[3] : 0};
+  int64_t above = 0;
   __m512i mxv = _mm512_setzero_si512();
   const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
   const __m512i hiv = _mm512_set1_epi32(static_cast<int32_t>(hi));
@@ -1129,34 +1073,36 @@ SFL_AVX512 void scan_flat_avx512(const float* __restrict x, int64_t lanes, int64
       above += __builtin_popcount(_mm512_mask_cmpgt_epu32_mask(in, key, hiv));
       mxv = _mm512_max_epu32(mxv, key);
       const __m512i q = _mm512_add_epi32(_mm512_maskz_loadu_epi32(in, qoff + j), li);
-      _mm512_storeu_ps(sv + n, _mm512_maskz_compress_ps(keep, v));
-      _mm512_storeu_si512(sq + n, _mm512_maskz_compress_epi32(keep, q));
-      n += __builtin_popcount(keep);
+      if (S == 1) {
+        _mm512_storeu_ps(sv + n[0], _mm512_maskz_compress_ps(keep, v));
+        _mm512_storeu_si512(sq + n[0], _mm512_maskz_compress_epi32(keep, q));
+        n[0] += __builtin_popcount(keep);
+        continue;
+      }
+      const uint16_t* bm = pm + (j / 16) * S;
+      for (int64_t f = 0; f < S; ++f) {
+        const __mmask16 kb = keep & bm[f];
+        _mm512_storeu_ps(sv + f * stage + n[f], _mm512_maskz_compress_ps(kb, v));
+        _mm512_storeu_si512(sq + f * stage + n[f], _mm512_maskz_compress_epi32(kb, q));
+        n[f] += __builtin_popcount(kb);
+      }
     }
   }
-  cnt = n;
+  for (int64_t f = 0; f < S; ++f) cnt[f] = n[f];
   above_out += above;
   alignas(64) uint32_t m16[16];
   _mm512_store_si512(m16, mxv);
   max_out = std::max(max_out, *std::max_element(m16, m16 + 16));
 #else  // never selected off x86
-  scan_flat<float>(x, lanes, img, HW, qoff, sq, sv, cnt, lo, hi, above_out, max_out);
+  scan_flat<float, true>(x, lanes, img, HW, ft, sq, sv, stage, cnt, lo, hi, above_out,
+                         max_out);
 #endif
-}
-
-// qoff for scan_flat: entry (ih, iw) of a stride-1 plane sits at grid (ih + ph, iw + pw).
-std::vector<int32_t> flat_offsets(const PackGeom& p) {
-  std::vector<int32_t> q(p.H * p.W);
-  for (int64_t ih = 0; ih < p.H; ++ih)
-    for (int64_t iw = 0; iw < p.W; ++iw)
-      q[ih * p.W + iw] = static_cast<int32_t>(((ih + p.ph) * p.Wq + iw + p.pw) * L);
-  return q;
 }
 
 template <typename T>
 void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t lo, uint32_t hi,
                 bool track, PackChunk& out, int32_t* sq, float* sv, int64_t stage,
-                int64_t* counts, const int32_t* qoff) {
+                int64_t* counts, const FlatTable* ft) {
   const int64_t lanes = std::min(L, p.N - nt * L), HW = p.H * p.W;
   const int64_t base = (nt * L * p.C + c) * HW, img = p.C * HW;
   const int64_t phases = p.sh * p.sw;
@@ -1164,26 +1110,21 @@ void pack_plane(const T* x, const PackGeom& p, int64_t nt, int64_t c, uint32_t l
   int64_t cnt[64];  // per phase (phases <= 64 is checked by the caller)
   for (int64_t f = 0; f < phases; ++f) cnt[f] = 0;
   bool done = false;
-  if (qoff != nullptr) {  // stride 1 (the caller's choice)
+  if (ft != nullptr) {  // strides up to 2 x 2 (the caller's choice)
     if constexpr (std::is_same_v<T, float>) {
       if (isa() == Isa::kAvx512) {
-        scan_flat_avx512(x + base, lanes, img, HW, qoff, sq, sv, cnt[0], lo, hi, out.above,
+        scan_flat_avx512(x + base, lanes, img, HW, *ft, sq, sv, stage, cnt, lo, hi, out.above,
                          out.kmax);
         done = true;
       }
     }
     if (!done)
-      scan_flat(x + base, lanes, img, HW, qoff, sq, sv, cnt[0], lo, hi, out.above, out.kmax);
+      (phases == 1 ? scan_flat<T, false> : scan_flat<T, true>)(
+          x + base, lanes, img, HW, *ft, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
     done = true;
   }
-  if constexpr (std::is_same_v<T, float>) {
-    if (!done && p.sw <= 2 && isa() == Isa::kAvx512) {
-      (p.sw == 1 ? scan_plane_avx512<1> : scan_plane_avx512<2>)(
-          x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
-      done = true;
-    }
-  }
-  if (!done) scan_plane(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
+  if (!done)  // strides beyond 2: row by row
+    scan_plane(x + base, lanes, img, p, sq, sv, stage, cnt, lo, hi, out.above, out.kmax);
   for (int64_t f = 0; f < phases; ++f) {
     const int64_t at = static_cast<int64_t>(out.q.size());
     const int32_t* qd = sq + f * stage;
@@ -1342,8 +1283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
   std::vector<int64_t> counts(G, 0);
   std::vector<PackChunk> chunks;
   std::mutex mu;
-  const std::vector<int32_t> qoff =
-      pg.sh == 1 && pg.sw == 1 ? flat_offsets(pg) : std::vector<int32_t>();
+  const FlatTable ft = flat_scan_applies(pg) ? flat_table(pg) : FlatTable();
 
   // One pass over all planes with bracket [lo, hi]; returns the count of keys above hi.
   auto pass = [&](uint32_t lo, uint32_t hi, bool track) {
@@ -1365,7 +1305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_act_pack_cpu(
         ch.v.reserve(ch.q.capacity());
         for (int64_t t = t0; t < t1; ++t)
           pack_plane(xs, pg, t / pg.C, t % pg.C, lo, hi, track, ch, sq.get(), sv.get(), stage,
-                     counts.data(), qoff.empty() ? nullptr : qoff.data());
+                     counts.data(), ft.qoff.empty() ? nullptr : &ft);
         std::lock_guard<std::mutex> g(mu);
         chunks.push_back(std::move(ch));
       });
