@@ -100,7 +100,7 @@ def extensions() -> tuple[list, dict]:
     except ImportError:
         sys.exit(NO_TORCH)
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
+    sources = sorted(glob.glob("csrc/cpu/**/*.cpp", recursive=True)) + ["csrc/module.cpp"]
     extra = {"cxx": CXX_FLAGS + os.environ.get("SPARSEFL_CXXFLAGS", "").split()}
     ldflags = ["-fopenmp"] + os.environ.get("SPARSEFL_LDFLAGS", "").split()
     if have_zlib():  # the codec's checksum in C++ (else Python's zlib computes it)

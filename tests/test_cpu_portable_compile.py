@@ -24,7 +24,7 @@ def test_cpu_sources_compile_for_aarch64():
     procs = {src.name: subprocess.Popen(
         [CROSS, "-std=c++17", "-c", "-O0", "-fopenmp", *includes, str(src), "-o", os.devnull],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for src in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))}
+        for src in sorted((ROOT / "csrc" / "cpu").rglob("*.cpp"))}
     failed = {}
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=600)

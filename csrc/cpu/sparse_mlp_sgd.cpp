@@ -25,7 +25,7 @@
 //             -- the off-support weights have grad 0 and value 0, so they stay 0.
 //
 // Layout: activations are kept feature-major in batch tiles of 16 samples, one 16-float
-// vector per (tile, feature) ("pixel tiles" of sparse_conv.cpp at 1x1): the forward is a
+// vector per (tile, feature) ("pixel tiles" of sparse_conv/sparse_conv.h at 1x1): the forward is a
 // broadcast-FMA per support entry, the weight gradient one vector dot per entry, the input
 // gradient one vector FMA per entry (a scatter into an L1-resident tile).  The lanes past
 // the batch in the last tile are kept at zero.  One thread: a step is too small to share.

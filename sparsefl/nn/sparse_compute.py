@@ -543,9 +543,9 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
     instead of its output, recomputed in backward (sparsefl/nn/recompute.py: less memory
     for one more sparse forward); "auto" (default) only where it saves memory worth the
     time: with a sample, when the largest recomputable output of such a batch is at least
-    RECOMPUTE_MIN_BYTES (without a sample, as True).  fused: the model will train with sparsefl.nn.fused_sgd
-    where it can; then "auto" decides for an MLP chain as a whole, timing a fused step
-    against a dense one, instead of layer by layer."""
+    RECOMPUTE_MIN_BYTES (without a sample, as True).  fused: the model will train with
+    sparsefl.nn.fused_sgd where it can; then "auto" decides for an MLP chain as a whole,
+    timing a fused step against a dense one, instead of layer by layer."""
     if mode not in MODES:
         raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
     if not any(recompute is r for r in RECOMPUTE):

@@ -10,7 +10,7 @@ theta = sign(omega)|omega|^beta is formed on the support values inside the kerne
 the weight gradient is Powerprop's domega (chain rule fused), nonzero only on the support.
 Linear layers are the 1x1 case: pass x as (B, C, 1, 1) and omega as (Co, C, 1, 1).
 Definitions: sparsefl/ops/reference/sparse_conv.py.  Backends: reference (plain torch),
-cpp (csrc/cpu/sparse_conv.cpp, the fast path on CPUs).  There is no CUDA or Triton kernel
+cpp (csrc/cpu/sparse_conv/, the fast path on CPUs).  There is no CUDA or Triton kernel
 on purpose: unstructured 95% sparsity rarely beats cuDNN/cuBLAS on a GPU, so on CUDA
 tensors `auto` runs the reference, i.e. dense cuDNN with the same semantics.
 Registered as torch.ops.sparsefl.sparse_conv_forward / sparse_act_pack /

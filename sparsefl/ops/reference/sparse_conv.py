@@ -16,7 +16,7 @@ support S (a `Support`, the nonzeros of omega when it was packed).  The three op
         domega = conv2d_weight(x_pruned, dy) * beta|omega|^(beta-1) on S, 0 elsewhere
 
 Linear layers are the 1x1 case (x as (B, C, 1, 1)).  Bad input raises ValueError or
-TypeError with the same meaning as the C++ kernels (csrc/cpu/sparse_conv.cpp).
+TypeError with the same meaning as the C++ kernels (csrc/cpu/sparse_conv/).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-LANES = 16  # images per batch tile (= L in csrc/cpu/sparse_conv.cpp)
+LANES = 16  # images per batch tile (= L in csrc/cpu/sparse_conv/sparse_conv.h)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
