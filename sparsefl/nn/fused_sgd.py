@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from sparsefl.nn.sparse_compute import live_chain
 from sparsefl.ops.sparse_mlp_sgd import sparse_mlp_sgd
 
 Runner = Callable[[Tensor, Tensor, Tensor, int, float, float, float], tuple[Tensor, float]]
@@ -27,8 +28,6 @@ Runner = Callable[[Tensor, Tensor, Tensor, int, float, float, float], tuple[Tens
 def fused_sgd(model: nn.Module) -> Runner | None:
     """A function that trains `model` in place with plain SGD in one call, or None when
     the model does not qualify (see the module docstring)."""
-    from sparsefl.nn.sparse_compute import live_chain
-
     chain = live_chain(model)
     if chain is None or not model.training or not torch.is_grad_enabled():
         return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -196,6 +197,10 @@ def _pair(v) -> list[int]:
 class _PowerpropMixin:
     """What both layers share: beta, the activation density, init in omega, repr."""
 
+    # The sparse path, registered by sparsefl.nn.sparse_compute, which builds on these
+    # layers (they never import it): only its set_compute sets compute != "dense".
+    _sparse_path: Callable[[nn.Module, Tensor], Tensor] | None = None
+
     def _set_beta(self, beta: float) -> None:
         if not beta >= 1.0:
             raise ValueError(f"powerprop beta must be >= 1, got {beta}")
@@ -223,9 +228,7 @@ class _PowerpropMixin:
 
     def forward(self, x: Tensor) -> Tensor:
         if self.compute != "dense":
-            from sparsefl.nn.sparse_compute import sparse_forward
-
-            return sparse_forward(self, x)
+            return _PowerpropMixin._sparse_path(self, x)  # type: ignore[misc]
         return self._dense_forward(x)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ Only modules (not functional calls) take part: the model decides where chains st
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -86,14 +87,13 @@ class _Recipe:
 
 
 class _LayerOut(_Recipe):
-    def __init__(self, layer: nn.Module, src: Tensor | _Recipe) -> None:
+    def __init__(self, layer: nn.Module, src: Tensor | _Recipe,
+                 remake: Callable[[nn.Module, Tensor], Tensor]) -> None:
         super().__init__(src, (layer.weight,))
-        self.layer = layer
+        self.layer, self.remake = layer, remake
 
     def _compute(self, x: Tensor) -> Tensor:
-        from sparsefl.nn.sparse_compute import forward_only
-
-        return forward_only(self.layer, x)
+        return self.remake(self.layer, x)
 
 
 class _BatchNormOut(_Recipe):
@@ -137,9 +137,11 @@ def _recipe_of(t: Tensor) -> _Recipe | None:
     return entry[1] if entry is not None and entry[0]() is t else None
 
 
-def note_output(m: nn.Module, x: Tensor, y: Tensor) -> None:
-    """Record that sparse layer `m` made `y` from `x` (called in its training forward)."""
-    _note(y, _LayerOut(m, _recipe_of(x) or x))
+def note_output(m: nn.Module, x: Tensor, y: Tensor,
+                remake: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    """Record that sparse layer `m` made `y` from `x` (called in its training forward);
+    remake(m, x) computes y again, bit for bit, without autograd."""
+    _note(y, _LayerOut(m, _recipe_of(x) or x, remake))
 
 
 def _pack(t: Tensor) -> object:

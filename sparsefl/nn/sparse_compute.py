@@ -45,6 +45,7 @@ from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
     POWERPROP,
     PowerpropConv2d,
+    _PowerpropMixin,
     act_cut,
     act_prune_seconds,
 )
@@ -196,8 +197,11 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
         _check_support(m)
         y = _SparseLayer.apply(x, m.weight, m.bias, m, prune)
     if m._recompute and y.requires_grad:
-        saved.note_output(m, x, y)
+        saved.note_output(m, x, y, forward_only)
     return y
+
+
+_PowerpropMixin._sparse_path = staticmethod(sparse_forward)  # the layers' compute != "dense"
 
 
 _NO_BIAS = torch.empty(0)
