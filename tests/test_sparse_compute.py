@@ -312,6 +312,54 @@ def test_flash_run_uses_the_fixed_mask(tmp_path):
     assert h.rounds[-1]["compute"]["sparse"] == 3    # then the server's fixed mask
 
 
+def test_flash_sparse_layers_need_no_mask_hook(tmp_path, monkeypatch):
+    """A FLASH layer computing on the fixed mask gets exactly zero gradient off it, so the
+    per-step mask changes nothing: step_hook drops it (layers on the dense path keep it),
+    and the run ends bit for bit where it ends with the mask applied after every step."""
+    from sparsefl.fl import sparsifiers
+
+    hooks = []
+    orig = sparsifiers.Flash.step_hook
+
+    def spy(self, model):
+        hooks.append(orig(self, model))
+        return hooks[-1]
+
+    monkeypatch.setattr(sparsifiers.Flash, "step_hook", spy)
+    flash = ["sparsity.method=flash", "sparsity.sparsity=0.8", "client.fused=false"]
+    skipped = _run(tmp_path, "skip", [*flash, "client.compute=sparse"])
+    assert len(hooks) == 9 and all(h is None for h in hooks)
+    hooks.clear()
+    _run(tmp_path, "dense", [*flash, "client.compute=dense"])
+    assert all(h is None for h in hooks[:3]) and all(h is not None for h in hooks[3:])
+
+    def always(self, model):
+        return lambda: self.after_step(model)
+
+    monkeypatch.setattr(sparsifiers.Flash, "step_hook", always)
+    masked = _run(tmp_path, "mask", [*flash, "client.compute=sparse"])
+    assert [(r["train_loss"], r["acc"]) for r in skipped.rounds] == \
+        [(r["train_loss"], r["acc"]) for r in masked.rounds]
+
+
+def test_flash_mlp_trains_fused(tmp_path, monkeypatch):
+    """With no per-step hook left, a FLASH MLP on its fixed mask trains fused
+    (sparse_mlp_sgd) like SparsyFed's; the same run as the step loop to tolerance."""
+    from sparsefl.fl import client
+
+    runs = []
+    orig = client.fused_sgd
+    monkeypatch.setattr(client, "fused_sgd", lambda m: runs.append(orig(m)) or runs[-1])
+    flash = ["sparsity.method=flash", "sparsity.sparsity=0.8", "client.compute=sparse"]
+    loop = _run(tmp_path, "loop", [*flash, "client.fused=false"])
+    assert not runs
+    fused = _run(tmp_path, "fused", flash)
+    assert [r is not None for r in runs] == [False] * 3 + [True] * 6  # from the mask on
+    for a, b in zip(loop.rounds, fused.rounds):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * max(1.0, abs(a["train_loss"]))
+        assert abs(a["acc"] - b["acc"]) <= 0.02
+
+
 def test_mlp_default_model_sparse():
     torch.manual_seed(0)
     m = sparsify(MLP((1, 8, 8), 10, (16, 16)), 1.25)

@@ -138,9 +138,9 @@ class Simulation:
         self.buffer_mask = self.layout.mask(buffer=True)
         self.prunable_mask = self.layout.mask(prunable=True)
         self.round = 0
-        # plain SGD and no per-step hook of the method: an MLP may train fused (fused_sgd)
-        self._fused = cfg.client.fused and cfg.client.optimizer == "sgd" and \
-            type(self.sparsifier).after_step is sparsifiers.Sparsifier.after_step
+        # plain SGD: an MLP may train fused (fused_sgd) when its method needs no per-step
+        # hook for the client (Sparsifier.step_hook)
+        self._fused = cfg.client.fused and cfg.client.optimizer == "sgd"
 
     # ------------------------------------------------------------------ state ----------
     def state(self) -> dict[str, Tensor]:
@@ -195,7 +195,7 @@ class Simulation:
                     fused=self._fused)
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
-            hook = None if self._fused else (lambda: self.sparsifier.after_step(self.model))
+            hook = self.sparsifier.step_hook(self.model)
             loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
         finally:
             if self.has_powerprop:  # evaluation and the server see a dense model again

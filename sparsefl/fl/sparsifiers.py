@@ -19,6 +19,8 @@ All selections go through sparsefl.ops (top-k kernels); nothing here touches a b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +45,14 @@ class Sparsifier:
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every local optimizer step."""
+
+    def step_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        """What this client's training must run after every optimizer step, asked once
+        the client's compute paths are set (None: nothing, so the step loop pays no call
+        and an MLP may train fused)."""
+        if type(self).after_step is Sparsifier.after_step:
+            return None
+        return lambda: self.after_step(model)
 
     def fixed_support(self) -> bool:
         """Whether a mask keeps the support fixed during local training even where
@@ -120,14 +130,32 @@ class Flash(TopK):
         if not self.masks:
             return
         named = dict(model.named_parameters())
-        self._params = [(named[n], m.view(named[n].shape).to(named[n].device))
+        mods = dict(model.named_modules())
+        self._params = [(named[n], m.view(named[n].shape).to(named[n].device),
+                         mods.get(n.rpartition(".")[0]))
                         for n, m in self.masks.items()]
         self.after_step(model)
 
     @torch.no_grad()
     def after_step(self, model):
-        for p, m in self._params:
+        for p, m, _ in self._params:
             p.mul_(m)
+
+    def step_hook(self, model):
+        # A layer computing on its support (set_compute "sparse") gets exactly zero
+        # gradient off the mask, and SGD's decay and momentum keep a zero weight zero: the
+        # mask changes nothing there, so only the layers on the dense path are masked.
+        dense = [(p, m) for p, m, mod in self._params
+                 if getattr(mod, "compute", "dense") != "sparse"]
+        if not dense:
+            return None
+
+        @torch.no_grad()
+        def mask() -> None:
+            for p, m in dense:
+                p.mul_(m)
+
+        return mask
 
     def select(self, layout, flat, rnd):
         if not self.masks:
