@@ -162,8 +162,11 @@ def test_auto_recomputes_only_large_outputs(monkeypatch):
         assert {n for n, mod in m.named_modules() if getattr(mod, "_recompute", False)} == expect
     set_compute(m, "sparse")  # no sample: the sizes are unknown, recompute as True
     assert rc.installed(m)
-    with pytest.raises(ValueError, match="recompute must be"):
-        set_compute(m, "sparse", recompute="yes")
+    set_compute(m, "sparse", sample=x, recompute="".join(["au", "to"]))  # equal, not identical
+    assert not rc.installed(m)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="recompute must be"):
+            set_compute(m, "sparse", recompute=bad)
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), ("true", True), ("false", True),

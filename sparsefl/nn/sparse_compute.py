@@ -64,7 +64,6 @@ SPARSE_MARGIN = 0.9  # auto picks sparse when it takes < 90% of the dense time
 # and the extra forward is pure cost (width-8 ResNet-18, batch 16: 400 KiB outputs, the
 # recompute was 2.1 ms of a 14.9 ms step).  ResNet-18 at width 64, batch 64: 12.5 MiB.
 RECOMPUTE_MIN_BYTES = 4 << 20
-RECOMPUTE = (True, False, "auto")
 
 
 def _geometry(m: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -552,7 +551,7 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
     timing a fused step against a dense one, instead of layer by layer."""
     if mode not in MODES:
         raise ValueError(f"set_compute: mode must be one of {MODES}, got {mode!r}")
-    if not any(recompute is r for r in RECOMPUTE):
+    if not (isinstance(recompute, bool) or recompute == "auto"):
         raise ValueError(f"set_compute: recompute must be True, False or 'auto', got "
                          f"{recompute!r}")
     from sparsefl.ops import _backend
