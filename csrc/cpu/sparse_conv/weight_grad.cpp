@@ -122,8 +122,8 @@ void wgrad_portable(const WgradArgs& a, int64_t lo, int64_t hi, float* d) {
 // The gather-dots cost |S| * (kept inputs) but a gather of 16 is several times an FMA, so
 // once a quarter of the input survives (the early, dense-ish layers of a SparsyFed ResNet,
 // or no activation pruning at all) this is the cheaper form, and keeping xt costs no more
-// memory than packing it (4 bytes per entry either way).  Four accumulators over the
-// columns hide the FMA latency; each weight is summed by one thread in a fixed order.
+// memory than packing it (4 bytes per entry either way).  Each weight is summed by one
+// thread in a fixed order.
 struct WgradDenseArgs {
   const float* xt;      // one batch tile: [C][Hp][Wp][16]
   const float* dyp;     // one batch tile: [Co][Hq][Wq][16]
@@ -132,40 +132,64 @@ struct WgradDenseArgs {
   int64_t Hp, Wp, Hq, Wq, Ph, Pw, OH, OW, sh, sw, KH, KW;
 };
 
+// J weights of one row at a time: each dy vector loaded serves J FMAs (1 + J loads per J
+// FMAs instead of 2 per FMA, the bound of this loop), two pixels per step give 2J
+// independent accumulator chains.  Each weight's sum runs in one fixed order.
+template <typename V, int J>
+SFL_INLINE void wgrad_dense_block(const WgradDenseArgs& a, const float* db,
+                                  const float* const* xb, float* out) {
+  constexpr int NV = static_cast<int>(L * sizeof(float) / sizeof(V));  // vectors per pixel
+  constexpr int VL = L / NV;
+  V acc[2][J][NV] = {};
+  for (int64_t oh = 0; oh < a.OH; ++oh) {
+    const float* dr = db + oh * a.Wq * L;
+    const int64_t xrow = oh * a.sh * a.Wp * L;
+    int64_t ow = 0;
+    for (; ow + 2 <= a.OW; ow += 2)
+      for (int u = 0; u < 2; ++u)
+        for (int h = 0; h < NV; ++h) {
+          const V d = vload<V>(dr + (ow + u) * L + h * VL);
+          const int64_t xo = xrow + (ow + u) * a.sw * L + h * VL;
+          for (int w = 0; w < J; ++w) acc[u][w][h] += d * vload<V>(xb[w] + xo);
+        }
+    for (; ow < a.OW; ++ow)
+      for (int h = 0; h < NV; ++h) {
+        const V d = vload<V>(dr + ow * L + h * VL);
+        const int64_t xo = xrow + ow * a.sw * L + h * VL;
+        for (int w = 0; w < J; ++w) acc[0][w][h] += d * vload<V>(xb[w] + xo);
+      }
+  }
+  for (int w = 0; w < J; ++w) {
+    V sum = acc[0][w][0] + acc[1][w][0];
+    for (int h = 1; h < NV; ++h) sum += acc[0][w][h] + acc[1][w][h];
+    alignas(64) float lanes[sizeof(V) / sizeof(float)];
+    vstore(lanes, sum);
+    float t = 0.f;
+    for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) t += lanes[l];
+    out[w] += t;
+  }
+}
+
 template <typename V>
 SFL_INLINE void wgrad_dense_rows(const WgradDenseArgs& a, int64_t lo, int64_t hi,
                                  float* dth) {
-  constexpr int NV = static_cast<int>(L * sizeof(float) / sizeof(V));  // vectors per pixel
   const int64_t KK = a.KH * a.KW, xplane = a.Hp * a.Wp * L, dplane = a.Hq * a.Wq * L;
   for (int64_t co = lo; co < hi; ++co) {
     const float* db = a.dyp + co * dplane + (a.Ph * a.Wq + a.Pw) * L;
-    for (int64_t j = a.rowptr[co]; j < a.rowptr[co + 1]; ++j) {
+    const float* xb[4];
+    auto tap = [&](int64_t j) {  // weight j's first input vector
       const int64_t c = a.cols[j], ci = c / KK, kh = (c % KK) / a.KW, kw = c % a.KW;
-      const float* xb = a.xt + ci * xplane + (kh * a.Wp + kw) * L;
-      V acc[4][NV] = {};
-      for (int64_t oh = 0; oh < a.OH; ++oh) {
-        const float* dr = db + oh * a.Wq * L;
-        const float* xr = xb + oh * a.sh * a.Wp * L;
-        int64_t ow = 0;
-        for (; ow + 4 <= a.OW; ow += 4)
-          for (int u = 0; u < 4; ++u)
-            for (int h = 0; h < NV; ++h) {
-              const int64_t o = ow + u;
-              acc[u][h] += vload<V>(dr + o * L + h * (L / NV)) *
-                           vload<V>(xr + o * a.sw * L + h * (L / NV));
-            }
-        for (; ow < a.OW; ++ow)
-          for (int h = 0; h < NV; ++h)
-            acc[0][h] += vload<V>(dr + ow * L + h * (L / NV)) *
-                         vload<V>(xr + ow * a.sw * L + h * (L / NV));
-      }
-      V sum = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]);
-      for (int h = 1; h < NV; ++h) sum += (acc[0][h] + acc[1][h]) + (acc[2][h] + acc[3][h]);
-      alignas(64) float lanes[sizeof(V) / sizeof(float)];
-      vstore(lanes, sum);
-      float t = 0.f;
-      for (size_t l = 0; l < sizeof(V) / sizeof(float); ++l) t += lanes[l];
-      dth[j] += t;
+      return a.xt + ci * xplane + (kh * a.Wp + kw) * L;
+    };
+    int64_t j = a.rowptr[co];
+    const int64_t end = a.rowptr[co + 1];
+    for (; j + 4 <= end; j += 4) {
+      for (int w = 0; w < 4; ++w) xb[w] = tap(j + w);
+      wgrad_dense_block<V, 4>(a, db, xb, dth + j);
+    }
+    for (; j < end; ++j) {
+      xb[0] = tap(j);
+      wgrad_dense_block<V, 1>(a, db, xb, dth + j);
     }
   }
 }
