@@ -52,7 +52,8 @@ std::atomic<int64_t> g_act_prune_ns{0};
 // set_compute), then computes y on the support.
 at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double beta,
                          const c10::optional<at::Tensor>& bias, SparsePlan& sp, Geom& g,
-                         std::shared_ptr<const Plan>& P, at::Tensor* tiles) {
+                         std::shared_ptr<const Plan>& P, at::Tensor* tiles,
+                         int64_t tally_key, int64_t* tally) {
   check_operands(lv.x4, "input", lv.w4, beta, kLayerOp);
   sp.check_weight(lv.w4, kLayerOp);
   g = make_geom(lv.x4.sizes(), lv.w4, sp.stride, sp.padding, kLayerOp);
@@ -67,7 +68,7 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
               "outside the support packed by set_compute(); the weights changed since (a new "
               "model was loaded?): call set_compute(model, ...) again");
   return forward_planned(x, w, beta, sp.rowptr.data_ptr<int64_t>(), *P,
-                         float_bias(bias, g, kLayerOp), g, kLayerOp, tiles);
+                         float_bias(bias, g, kLayerOp), g, kLayerOp, tiles, tally_key, tally);
 }
 
 // Activation pruning on the forward's input tiles, in place: every entry with |x| below
@@ -175,17 +176,23 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     // A threshold (or no pruning) on a spatial input: the kept input may stay in the
     // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.
     const bool may_keep_tiles = grad_w && k == -1 && lv.x4.size(2) * lv.x4.size(3) > 1;
+    // The kept count comes from the forward's own tile pass, so a layer that keeps less
+    // than a quarter goes straight to the pack without a pruning pass it would not use.
+    const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
     at::Tensor xt;
+    int64_t kept = 0;
     at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P,
-                                 may_keep_tiles ? &xt : nullptr);
+                                 may_keep_tiles ? &xt : nullptr, std::max<int64_t>(tk, 1),
+                                 may_keep_tiles ? &kept : nullptr);
     std::vector<at::Tensor> saved{omega};
     bool dense_x = false;
-    if (may_keep_tiles && xt.defined()) {
+    if (may_keep_tiles && xt.defined() && 4 * kept >= lv.x4.numel()) {
       const auto t0 = std::chrono::steady_clock::now();
-      const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
-      const int64_t kept = prune_tiles(xt, tk);
-      dense_x = 4 * kept >= lv.x4.numel();
-      if (dense_x) saved.push_back(xt);
+      const int64_t pruned = prune_tiles(xt, tk);
+      TORCH_CHECK(pruned == kept, "sparsefl.sparse_layer: internal error, the tile pass "
+                  "counted ", kept, " kept inputs and the pruning pass ", pruned);
+      dense_x = true;
+      saved.push_back(xt);
       g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - t0).count();
     }

@@ -238,10 +238,13 @@ int64_t escapes_of(const T* w, int64_t numel, const Plan& P);
 // ---------------------------------------------------------------------------------------
 
 // dst[nt][c][oy + h*dyl][ox + w*dxl][lane] = src[nt*16 + lane][c][h][w], the rest of dst
-// zero; dst has dims [NT][C][DH][DW][16] (float, Half, BFloat16 sources).
+// zero; dst has dims [NT][C][DH][DW][16] (float, Half, BFloat16 sources).  tally_key >= 1
+// (spatial inputs): returns how many entries have |x|'s magnitude key >= tally_key, counted
+// on the way through (what a threshold keeps); else 0.
 template <typename T>
-void to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst, int64_t DH,
-              int64_t DW, int64_t oy, int64_t ox, int64_t dyl, int64_t dxl);
+int64_t to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst,
+                 int64_t DH, int64_t DW, int64_t oy, int64_t ox, int64_t dyl, int64_t dxl,
+                 int64_t tally_key = 0);
 
 // One pass of the gather convolution (see gather_conv.cpp).
 // ---------------------------------------------------------------------------------------
@@ -283,9 +286,11 @@ bool run_conv_pair(const ConvArgs& e, const ConvArgs& o, bool float_out);
 // y = conv(x, theta_S) + bias with the support's plan; b: float32 bias or undefined.
 // tiles: when given, receives the input in pixel tiles ([NT][C][Hp][Wp][16], zero padding
 // and zero lanes past N) that the convolution read.
+// tally (with tiles): set to the count of input entries with magnitude key >= tally_key.
 at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double beta,
                            const int64_t* rp, const Plan& P, const at::Tensor& b,
-                           const Geom& g, const char* op, at::Tensor* tiles = nullptr);
+                           const Geom& g, const char* op, at::Tensor* tiles = nullptr,
+                           int64_t tally_key = 0, int64_t* tally = nullptr);
 // The bias as float32 (undefined when absent), checked against the geometry.
 at::Tensor float_bias(const c10::optional<at::Tensor>& bias, const Geom& g, const char* op);
 
