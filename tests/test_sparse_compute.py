@@ -312,6 +312,29 @@ def test_flash_run_uses_the_fixed_mask(tmp_path):
     assert h.rounds[-1]["compute"]["sparse"] == 3    # then the server's fixed mask
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_first_batch_threshold_equals_kthvalue(dtype):
+    """The first-batch threshold by radix selection is torch.kthvalue's value, ties (a
+    post-ReLU input's zeros, rounded low-precision values) and every k included."""
+    from sparsefl.nn.powerprop import kth_magnitude
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, 9, 9, generator=g) * 3).round().relu().to(dtype)  # many ties
+    x.view(-1)[::7] *= -1
+    n = x.numel()
+    for k in (1, 2, n // 10, n // 2, n - 1, n):
+        want = float(x.abs().reshape(-1).kthvalue(n - k + 1).values)
+        assert kth_magnitude(x, k) == want, k
+    if _native.has_cpu_kernels():
+        bad = x.clone()
+        bad.view(-1)[5] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            torch.ops.sparsefl_C.kth_magnitude(bad, 3)
+        for k in (0, n):
+            with pytest.raises(ValueError, match="outside"):
+                torch.ops.sparsefl_C.kth_magnitude(x, k)
+
+
 def test_flash_sparse_layers_need_no_mask_hook(tmp_path, monkeypatch):
     """A FLASH layer computing on the fixed mask gets exactly zero gradient off it, so the
     per-step mask changes nothing: step_hook drops it (layers on the dense path keep it),
