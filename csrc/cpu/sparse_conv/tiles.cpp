@@ -82,26 +82,23 @@ SFL_INLINE int64_t to_tiles_range(const T* src, int64_t N, int64_t C, int64_t H,
 
 template <typename T>
 SFL_AVX512 int64_t to_tiles_avx512(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
-                                float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
-                                int64_t dyl, int64_t dxl, int64_t lo, int64_t hi,
-          int32_t tk) {
+                                   float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                                   int64_t dyl, int64_t dxl, int64_t lo, int64_t hi,
+                                   int32_t tk) {
   return to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi, tk);
 }
 template <typename T>
 SFL_AVX2 int64_t to_tiles_avx2(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
-                            float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
-                            int64_t dyl, int64_t dxl, int64_t lo, int64_t hi,
-          int32_t tk) {
+                               float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                               int64_t dyl, int64_t dxl, int64_t lo, int64_t hi, int32_t tk) {
   return to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi, tk);
 }
 template <typename T>
-int64_t to_tiles_portable(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst,
-                       int64_t DH, int64_t DW, int64_t oy, int64_t ox, int64_t dyl,
-                       int64_t dxl, int64_t lo, int64_t hi,
-          int32_t tk) {
+int64_t to_tiles_portable(const T* src, int64_t N, int64_t C, int64_t H, int64_t W,
+                          float* dst, int64_t DH, int64_t DW, int64_t oy, int64_t ox,
+                          int64_t dyl, int64_t dxl, int64_t lo, int64_t hi, int32_t tk) {
   return to_tiles_range(src, N, C, H, W, dst, DH, DW, oy, ox, dyl, dxl, lo, hi, tk);
 }
-
 
 template <typename T>
 int64_t to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float* dst,
