@@ -20,3 +20,10 @@ class CheckpointError(UserError):
 class RoundError(RuntimeError):
     """A round that could not complete (e.g. no client sent a usable update: the run
     diverged).  The last checkpoint holds the model of the round before."""
+
+
+class ClientFault(RuntimeError):
+    """A client failing the way clients of a federation fail: an injected failure of a
+    fault model, a node's error reply, a timeout, a malformed reply.  The engine drops
+    that client from the round and goes on; any other exception raised while a client
+    trains in process is a bug and ends the run (with the client id and the round)."""

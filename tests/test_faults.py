@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from sparsefl import codec, data, fl
+from sparsefl.errors import ClientFault
 from sparsefl.fl import engine, wire
 
 DIGITS = data.load("digits")
@@ -33,7 +34,7 @@ def test_faulty_clients_are_dropped_counted_and_do_not_poison_the_model():
         kind = rng.choice(["raise", "nan", "corrupt", "huge"] + ["ok"] * 9)
         injected[-1][kind] = injected[-1].get(kind, 0) + 1
         if kind == "raise":
-            raise RuntimeError("client crashed")
+            raise ClientFault("client crashed")
         up = honest(cid, rnd, received, down_ref, lr, timers)
         if kind == "nan":
             chunks = wire.decode(sim.layout, up.payload, reference=down_ref)
@@ -72,7 +73,7 @@ def test_a_round_without_enough_updates_is_resampled_then_refused():
     def flaky(cid, *args, **kw):
         calls.append(cid)
         if len(calls) <= 2:
-            raise RuntimeError("first sample fails")
+            raise ClientFault("first sample fails")
         return honest(cid, *args, **kw)
 
     sim.client_update = flaky
@@ -80,10 +81,30 @@ def test_a_round_without_enough_updates_is_resampled_then_refused():
     assert rec["retries"] == 1 and rec["dropped"]["raised"] == 2 and len(rec["clients"]) == 2
     sim = engine.Simulation(cfg, DIGITS)
     before = sim.global_flat.clone()
-    sim.client_update = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down"))
+    sim.client_update = lambda *a, **k: (_ for _ in ()).throw(ClientFault("down"))
     with pytest.raises(RuntimeError, match="min_clients"):
         sim.step()
     assert torch.equal(sim.global_flat, before) and sim.round == 0
+
+
+def test_a_bug_in_a_client_ends_the_run_with_the_client_and_round():
+    cfg = fl.load(None, ["data.clients=4", "server.clients_per_round=2", "model.hidden=[8]",
+                         "client.epochs=1", "run.rounds=2", "sparsity.method=none"])
+    sim = engine.Simulation(cfg, DIGITS)
+    honest = sim.client_update
+
+    def buggy(cid, *args, **kw):
+        if sim.round == 1:  # round 2
+            return {}["a typo"]  # a programming error, not a client fault
+        return honest(cid, *args, **kw)
+
+    sim.client_update = buggy
+    sim.step()
+    with pytest.raises(KeyError) as info:
+        sim.step()
+    note = "\n".join(getattr(info.value, "__notes__", []))
+    assert re.search(r"client \d+ trained in round 2", note), note
+    assert sim.round == 1  # the round did not complete; nothing was aggregated
 
 
 @pytest.mark.slow

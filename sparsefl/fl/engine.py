@@ -36,7 +36,7 @@ from torch import Tensor
 
 from sparsefl import codec, models, ops
 from sparsefl import data as fldata
-from sparsefl.errors import RoundError
+from sparsefl.errors import ClientFault, RoundError
 from sparsefl.fl import checkpoint, sparsifiers, wire
 from sparsefl.fl import config as flconfig
 from sparsefl.fl.client import local_train
@@ -219,8 +219,12 @@ class Simulation:
         t0 = time.perf_counter()
         try:
             up = self.client_update(cid, rnd, received, down_ref, lr, timers)
-        except Exception as e:  # a failing client is dropped from the round, never fatal
+        except ClientFault as e:  # a client failing as clients do: dropped from the round
             return self._accept(cid, rnd, e, received, down_ref, timers)
+        except Exception as e:  # anything else is a bug: never mistaken for a divergence
+            e.add_note(f"sparsefl: raised while client {cid} trained in round {rnd}; a bug "
+                       "ends the run (only sparsefl.errors.ClientFault drops a client)")
+            raise
         return self._accept(cid, rnd, up, received, down_ref, timers,
                             time.perf_counter() - t0)
 

@@ -46,6 +46,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from sparsefl.errors import ClientFault
 from sparsefl.fl import config as flconfig
 from sparsefl.fl import engine, wire
 
@@ -174,13 +175,13 @@ class FlowerClients:
                                 message_type=MessageType.TRAIN))
             self.carried_down += len(content["arrays"]["global"].data)
         cid_of = {self.node_of[c]: c for c in cids}
-        out: dict[int, Any] = {c: TimeoutError("no reply from the node") for c in cids}
+        out: dict[int, Any] = {c: ClientFault("no reply from the node (timeout)") for c in cids}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             cid = cid_of.get(reply.metadata.src_node_id)
             if cid is None:
                 continue
             if reply.has_error():
-                out[cid] = RuntimeError(f"node error: {reply.error.reason}")
+                out[cid] = ClientFault(f"node error: {reply.error.reason}")
                 continue
             try:
                 payload, carried = _bytes(reply.content["arrays"], "payload")
@@ -191,7 +192,7 @@ class FlowerClients:
                     cid, payload, n, float(m["train-loss"]), None, int(m["activated"]),
                     int(m["deactivated"]))
             except (KeyError, TypeError, ValueError) as e:  # malformed reply: drop the node
-                out[cid] = ValueError(f"malformed reply: {e!r}")
+                out[cid] = ClientFault(f"malformed reply: {e!r}")
         return out
 
 
