@@ -253,10 +253,32 @@ def test_other_isa_paths(env):
 
 
 @native
+@pytest.mark.parametrize("hidden", [(16, 12), (9, 8, 7)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("momentum", [0.5, 0.9])
+def test_three_momentum_steps_equal_the_loop_tightly(hidden, bias, momentum):
+    """Three steps with momentum and weight decay, fused vs step loop: what fp32 rounding
+    in another summation order really leaves (<= 1e-6), not the 74-step tolerance."""
+    m = pruned_mlp(hidden, bias, 0.3)
+    loop = copy.deepcopy(m)
+    x, y = _data(n=60, ties=True)
+    for model in (m, loop):
+        set_compute(model, "sparse")
+    cfg = dict(epochs=1, batch_size=20, momentum=momentum, weight_decay=1e-2)
+    a = local_train(m, x, y, _cfg(**cfg), 0.2, torch.Generator().manual_seed(5))
+    b = local_train(loop, x, y, _cfg(**cfg, fused=False), 0.2,
+                    torch.Generator().manual_seed(5))
+    assert a == pytest.approx(b, rel=1e-6)
+    for p, q in zip(m.parameters(), loop.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@native
 def test_auto_decides_for_the_chain(tmp_path, monkeypatch):
     """With fused=True, "auto" times a fused step against a dense step for the MLP as a
-    whole (recorded per machine like the layer decisions); a 10%-dense digits-sized MLP
-    trains fused (measured ~10x faster here), and the record is what a later call reads."""
+    whole (recorded per machine like the layer decisions): the choice is the faster of
+    the two as timed (no assertion on which is faster: that is the machine's), and the
+    record is what a later call reads."""
     import json
 
     from sparsefl.nn import sparse_compute as spc
@@ -276,12 +298,12 @@ def test_auto_decides_for_the_chain(tmp_path, monkeypatch):
         return m.train()
 
     sample = torch.randn(16, 1, 8, 8)
-    choice = set_compute(model(), "auto", sample=sample, fused=True)
-    assert set(choice.values()) == {"sparse"}
-    fused_keys = [k for k in json.loads(cache.read_text()) if k.startswith("('fused'")]
+    set_compute(model(), "auto", sample=sample, fused=True)
+    recorded = json.loads(cache.read_text())
+    fused_keys = [k for k in recorded if k.startswith("('fused'")]
     assert len(fused_keys) == 1
     (key, (td, tf)), = [(k, v) for k, v in spc.AUTO_TIMINGS.items() if k[0] == "fused"]
-    assert tf < td
+    assert recorded[fused_keys[0]] == ("sparse" if tf < td else "dense")
     # a later process reads the record (flipped here to see it is used): the layers decide
     cache.write_text(json.dumps({fused_keys[0]: "dense"}))
     monkeypatch.setattr(spc, "_AUTO_CACHE", {})
