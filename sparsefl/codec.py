@@ -32,7 +32,11 @@ Byte layout (all integers little-endian)::
       values            nnz x value size, same dtype for the whole payload
     checksum: CRC-32 (zlib) of header + body, u32
 
-The encoder picks the smallest index encoding per tensor.  Encoding 4 is for supports
+The encoder picks the smallest index encoding per tensor; the tie rule (part of the
+format: both encoders write the same bytes) is the first of int32 list, delta varint,
+Rice, bitmask, reference bitmask among equal sizes, and for Rice the smallest b among
+the candidates {b0 - 1, b0, b0 + 1} (b0 from the mean gap) of equal size.  An index
+section of 2^32 bytes or more is refused (its length is a u32).  Encoding 4 is for supports
 both sides know (SparsyFed: a client's support lies inside the global model's support,
 so a bitmask over that support costs ref_nnz/8 bytes).  Decoding checks every field,
 size, range, order, the checksum and non-finite values (policy: `nonfinite="raise"` by
@@ -159,7 +163,9 @@ def _rice_encode(gaps: np.ndarray, b: int) -> bytes:
 def _rice_best(gaps: np.ndarray) -> bytes:
     mean = float(gaps.mean()) if gaps.size else 0.0
     b0 = max(0, int(np.floor(np.log2(max(mean * 0.69, 1.0)))))
-    return min((_rice_encode(gaps, b) for b in {max(0, b0 - 1), b0, min(40, b0 + 1)}), key=len)
+    # ascending b: min() keeps the first of equal length, so ties go to the smallest b
+    return min((_rice_encode(gaps, b) for b in sorted({max(0, b0 - 1), b0, min(40, b0 + 1)})),
+               key=len)
 
 
 def _rice_decode(section: bytes, count: int, where: str) -> np.ndarray:
@@ -270,13 +276,22 @@ def encode(chunks: Sequence[SparseChunk], value_dtype: torch.dtype = torch.float
         enc = min(options, key=lambda e: len(options[e]))
         section = options[enc]
         values = c.values.detach().to("cpu", value_dtype).contiguous()
-        body += RECORD.pack(c.numel, c.indices.numel(), enc, b"\0\0\0", len(section))
+        body += record(c.numel, c.indices.numel(), enc, len(section), i)
         body += section
         body += values.view(torch.uint8).numpy().tobytes() if values.numel() else b""
     header = HEADER.pack(MAGIC, VERSION, 0, len(chunks), VALUE_CODES[value_dtype], b"\0\0\0",
                          len(body))
     blob = header + bytes(body)
     return blob + CRC.pack(zlib.crc32(blob))
+
+
+def record(numel: int, nnz: int, enc: int, section_len: int, i: int = 0) -> bytes:
+    """One tensor's record header; a section of 2^32 bytes or more is refused, not
+    wrapped into its u32 length field."""
+    if not 0 <= section_len < 2**32:
+        raise ValueError(f"chunk {i}: its index section would be {section_len} bytes; a "
+                         "payload section holds under 2^32 (send the tensor in pieces)")
+    return RECORD.pack(numel, nnz, enc, b"\0\0\0", section_len)
 
 
 def _check_chunk(c: SparseChunk, i: int) -> None:

@@ -438,6 +438,14 @@ def test_chain_steps_aside_for_hooks_and_replaced_weights():
     assert chain_forward(m, x) is None  # not the weight the chain was built on
     m(x).sum().backward()
     assert m[3].weight.grad is not None
+    set_compute(m, "sparse")
+    assert chain_forward(m, x) is not None
+    m[1].bias = nn.Parameter(m[1].bias.detach() + 1.0)  # a replaced bias, like a weight
+    assert chain_forward(m, x) is None
+    with torch.no_grad():
+        ref = copy.deepcopy(m)
+        set_compute(ref, "dense")
+        torch.testing.assert_close(m(x), ref(x))  # the new bias is used
     set_compute(m, "dense")
     assert "_sparse_chain" not in m.__dict__
 

@@ -250,6 +250,45 @@ def test_bad_input(backend):
     mixed = sup._replace(cent=sup.cent.flip(0).contiguous())
     with pytest.raises(ValueError):
         bwd(dy, pack, omega, 1.25, mixed, x.shape, st, pd, backend=backend)
+    for bad, why in _not_a_set(sup, omega):
+        with pytest.raises(ValueError, match=why):
+            bwd(dy, pack, omega, 1.25, bad, x.shape, st, pd, backend=backend)
+        if why != "different entries":  # the forward reads the rows only
+            with pytest.raises(ValueError, match=why):
+                fwd(x, omega, 1.25, bad, None, st, pd, backend=backend)
+
+
+def _not_a_set(sup, omega):
+    """Supports that are not one set: a repeated column in a row, two columns out of
+    order, and columns that hold another entry than the rows (same counts, same
+    channels)."""
+    row = int(((sup.rowptr[1:] - sup.rowptr[:-1]) >= 2).nonzero()[0])
+    j = int(sup.rowptr[row])
+    rep = sup.cols.clone()
+    rep[j + 1] = rep[j]
+    swap = sup.cols.clone()
+    swap[j], swap[j + 1] = sup.cols[j + 1], sup.cols[j]
+    k = omega[0].numel()
+    present = set(sup.cent.tolist())
+    cent = sup.cent.clone()
+    e = int(cent[0])
+    other = next(e2 for e2 in range(e % k, omega.numel(), k) if e2 not in present)
+    cent[0] = other  # same input channel (same column of the flat weight), another row
+    end = int(sup.cptr[(sup.cptr > 0).nonzero()[0]])  # the group holding entry 0
+    cent[:end] = cent[:end].sort().values
+    return [(sup._replace(cols=rep), "strictly ascending"),
+            (sup._replace(cols=swap), "strictly ascending"),
+            (sup._replace(cent=cent), "different entries")]
+
+
+@needs_cpp
+def test_a_plan_refuses_a_support_that_is_not_a_set():
+    x, omega, st, pd = make(SHAPES[0], 0.1)
+    sup = sc.pack_support(omega)
+    for bad, why in _not_a_set(sup, omega):
+        with pytest.raises(ValueError, match=why):
+            torch.classes.sparsefl_C.SparsePlan(bad.rowptr, bad.cols, bad.cptr, bad.cent,
+                                                list(omega.shape), list(st), list(pd))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

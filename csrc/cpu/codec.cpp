@@ -6,9 +6,11 @@
 // of each gap), Golomb-Rice (for each candidate parameter b: 5 + ceil(sum(g >> b) + k)/8
 // + ceil(k*b/8) bytes, from the gap sum and the sums of g >> b), bitmask over numel,
 // bitmask over a reference support (a merge walk checks the support lies inside it) --
-// then writes only the smallest, with the reference's tie order (the order the Python
-// dict is filled; Rice's candidates in the order Python iterates the set {b0-1, b0,
-// b0+1}: by b mod 8).  Values are converted with torch's rounding and copied.  The
+// then writes only the smallest, with the format's tie rule (codec.py: among equal
+// sizes the first of int32 list, varint, Rice, bitmask, reference bitmask; among Rice
+// parameters of equal size the smallest b).  Values are converted with torch's
+// rounding and copied.  A section of 2^32 bytes or more is refused (its length field
+// is a u32), never wrapped.  The
 // CRC-32 is zlib's: computed here over byte ranges in parallel and joined with
 // crc32_combine when the build found zlib (SPARSEFL_HAVE_ZLIB), else appended in Python.
 //
@@ -66,16 +68,23 @@ bool crc_builtin() {
 #endif
 }
 
-// zlib's CRC-32 of p[0, n): pieces on the ATen threads, joined in order.
+// zlib's CRC-32 of p[0, n): pieces on the ATen threads, joined in order.  zlib's
+// length argument is 32-bit (uInt): each piece is fed in runs of at most 1 GiB, so a
+// payload over 4 GiB is checksummed whole at any thread count.
 uint32_t crc32_parallel(const uint8_t* p, int64_t n) {
 #if defined(SPARSEFL_HAVE_ZLIB)
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n >> 16));
   std::vector<uLong> part(nt);
   std::vector<int64_t> cut(nt + 1);
   for (int64_t t = 0; t <= nt; ++t) cut[t] = n * t / nt;
+  constexpr int64_t kRun = int64_t{1} << 30;
   at::parallel_for(0, nt, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t)
-      part[t] = crc32(crc32(0L, Z_NULL, 0), p + cut[t], static_cast<uInt>(cut[t + 1] - cut[t]));
+    for (int64_t t = lo; t < hi; ++t) {
+      uLong c = crc32(0L, Z_NULL, 0);
+      for (int64_t a = cut[t]; a < cut[t + 1]; a += kRun)
+        c = crc32(c, p + a, static_cast<uInt>(std::min(kRun, cut[t + 1] - a)));
+      part[t] = c;
+    }
   });
   uLong crc = part[0];
   for (int64_t t = 1; t < nt; ++t) crc = crc32_combine(crc, part[t], cut[t + 1] - cut[t]);
@@ -117,13 +126,13 @@ struct Choice {
   int rice_b;
 };
 
-// The Rice candidates {b0 - 1, b0, b0 + 1} in the order CPython iterates that set: by
-// hash slot, b & 7 (three consecutive ints never collide in its 8-slot table).
+// The Rice candidates {b0 - 1, b0, b0 + 1}, ascending: the first of equal size wins,
+// so a tie goes to the smallest b (the format's rule).
 std::vector<int> rice_candidates(int b0) {
   std::vector<int> cand;
   for (int b : {std::max(0, b0 - 1), b0, std::min(40, b0 + 1)})
     if (std::find(cand.begin(), cand.end(), b) == cand.end()) cand.push_back(b);
-  std::stable_sort(cand.begin(), cand.end(), [](int a, int b) { return (a & 7) < (b & 7); });
+  std::sort(cand.begin(), cand.end());
   return cand;
 }
 
@@ -306,8 +315,12 @@ at::Tensor codec_encode_body(at::TensorList indices, at::TensorList values,
     TORCH_CHECK_VALUE(ok, "chunk ", i, ": indices must be strictly ascending in [0, numel)");
   });
   std::vector<int64_t> at_(T + 1, kHeader);
-  for (int64_t i = 0; i < T; ++i)
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK_VALUE(choice[i].size < (int64_t{1} << 32), "chunk ", i, ": its index "
+                      "section would be ", choice[i].size, " bytes; a payload section holds "
+                      "under 2^32 (send the tensor in pieces)");
     at_[i + 1] = at_[i] + kRecord + choice[i].size + idx64[i].numel() * vsize;
+  }
   at::Tensor res = at::empty({at_[T] + 4}, at::kByte);
   uint8_t* out = res.data_ptr<uint8_t>();
   // phase 2, chunks in parallel: record, index section, values, each at its offset
@@ -674,9 +687,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> codec_decode_tiled(
   return {offsets, local, values};
 }
 
+// The CRC-32 of a uint8 tensor (what a payload's last 4 bytes hold for the rest).
+int64_t codec_crc32(const at::Tensor& data) {
+  TORCH_CHECK_VALUE(data.device().is_cpu() && data.scalar_type() == at::kByte &&
+                    data.dim() == 1, "codec_crc32: data must be a 1-D uint8 CPU tensor");
+  const at::Tensor d = data.contiguous();
+  return crc32_parallel(d.data_ptr<uint8_t>(), d.numel());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
+  m.def("codec_crc32(Tensor data) -> int");
   m.def("codec_encode_body(Tensor[] indices, Tensor[] values, int[] numels, Tensor?[] reference, "
         "int value_code) -> Tensor");
   m.def("codec_crc_builtin() -> bool", &crc_builtin);  // no tensor: a catch-all kernel
@@ -690,6 +712,7 @@ TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {
   m.impl("codec_encode_body", &codec_encode_body);
   m.impl("codec_decode", &codec_decode);
   m.impl("codec_decode_tiled", &codec_decode_tiled);
+  m.impl("codec_crc32", &codec_crc32);
 }
 
 }  // namespace sparsefl

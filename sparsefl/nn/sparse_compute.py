@@ -232,13 +232,14 @@ def _watched(mods: tuple[nn.Module, ...]) -> bool:
 def live_chain(model: nn.Module) -> tuple | None:
     """The chain set_compute found (layers, flattens, modules, op arguments, keep-count
     memo) while it still holds: every layer computes sparse on the weight it was built on
-    and no hook watches a module; None otherwise."""
+    and bias and no hook watches a module; None otherwise."""
     chain = model.__dict__.get("_sparse_chain")
     if chain is None:
         return None
     layers, _, mods, args, _ = chain
-    for m, w in zip(layers, args[0]):
-        if m.compute != "sparse" or m.weight is not w:
+    for m, w, b in zip(layers, args[0], args[1]):
+        if m.compute != "sparse" or m.weight is not w or \
+                (_NO_BIAS if m.bias is None else m.bias) is not b:
             return None
     return None if _watched(mods) else chain
 

@@ -81,7 +81,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_backward_cpu(
   check_csr(cptr, cent, g.C, g.Co * g.K(), op, "support columns");
   TORCH_CHECK_VALUE(cols.numel() == cent.numel(), op,
                     ": support rows and columns hold different entry counts");
-  check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), op);
+  check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(),
+                  rowptr.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), op);
   if (need_dw) check_pack(g, xptr, xq, xv, /*deep=*/true, op);
   Plan P;
   const int64_t* rp = rowptr.data_ptr<int64_t>();

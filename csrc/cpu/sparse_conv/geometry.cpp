@@ -58,7 +58,8 @@ void check_index(const at::Tensor& t, at::ScalarType st, const char* op, const c
                    t.scalar_type());
 }
 
-// rowptr [rows + 1] int64, ascending from 0 to nnz; entries int32 in [0, limit).
+// rowptr [rows + 1] int64, ascending from 0 to nnz; entries int32 in [0, limit), strictly
+// ascending within each row (a support is a set: no repeats, one order).
 void check_csr(const at::Tensor& ptr, const at::Tensor& ent, int64_t rows, int64_t limit,
                const char* op, const char* what) {
   check_index(ptr, at::kLong, op, what);
@@ -74,6 +75,10 @@ void check_csr(const at::Tensor& ptr, const at::Tensor& ent, int64_t rows, int64
   bool ok = true;
   for (int64_t j = 0; j < ent.numel(); ++j) ok &= (e[j] >= 0) & (e[j] < limit);
   TORCH_CHECK_VALUE(ok, op, ": ", what, " entries must lie in [0, ", limit, ")");
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = p[r] + 1; j < p[r + 1]; ++j) ok &= e[j - 1] < e[j];
+  TORCH_CHECK_VALUE(ok, op, ": ", what, " entries must be strictly ascending within each "
+                    "group (no repeats)");
 }
 
 int64_t grain(int64_t tasks, double work) {

@@ -47,7 +47,8 @@ struct SparsePlan : torch::CustomClassHolder {
                       ": support rows and columns hold different entry counts");
     Geom g{};
     g.C = C; g.Co = Co; g.KH = wshape[2]; g.KW = wshape[3];
-    check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(), op);
+    check_columns(g, cptr.data_ptr<int64_t>(), cent.data_ptr<int32_t>(),
+                  rowptr.data_ptr<int64_t>(), cols.data_ptr<int32_t>(), op);
   }
 
   void check_weight(const at::Tensor& w4, const char* op) const {

@@ -4,6 +4,7 @@
 // columns = input channels (the input gradient's).  A plan turns each support entry into
 // the offsets a pass reads (a tap's offset inside an input tile, or inside the dy tiles),
 // once per support and input size: the O(nnz) index arithmetic never runs per step.
+#include <algorithm>
 #include "sparse_conv.h"
 
 namespace sparsefl {
@@ -137,14 +138,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_support_cpu(
   return {rowptr, cols, cptr, cent};
 }
 
-// Every entry of column ci must be a weight of input channel ci.
-void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const char* op) {
+// Every entry of column ci must be a weight of input channel ci, and the columns must
+// hold the rows' entries.  Both groupings are strictly ascending per group (check_csr)
+// and hold as many entries, so every column entry found in its row (binary search over
+// the row's ascending columns) makes the two sets equal.
+void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const int64_t* rp,
+                   const int32_t* cols, const char* op) {
   const FastDiv fK(g.K());
   const TapDiv taps(g.KH, g.KW);
   bool ok = true;
   for (int64_t ci = 0; ci < g.C; ++ci)
     for (int64_t j = cpp[ci]; j < cpp[ci + 1]; ++j) ok &= taps.kk.div(fK.mod(ce[j])) == ci;
   TORCH_CHECK_VALUE(ok, op, ": support column entries do not match their input channel");
+  const int64_t K = g.K();
+  for (int64_t j = 0; j < cpp[g.C]; ++j) {
+    const int64_t r = ce[j] / K;
+    const int32_t c = static_cast<int32_t>(ce[j] - r * K);
+    ok &= std::binary_search(cols + rp[r], cols + rp[r + 1], c);
+  }
+  TORCH_CHECK_VALUE(ok, op, ": support rows and columns hold different entries (one "
+                    "support must be the same set in both groupings)");
 }
 
 // Nonzero weights outside the support: all nonzeros minus those at the plan's entries.

@@ -228,7 +228,8 @@ void plan_rows(const Geom& g, const int64_t* rp, const int32_t* cp, Plan& P, boo
                bool wgrad);
 void plan_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, Plan& P);
 // Every entry of column ci must be a weight of input channel ci.
-void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const char* op);
+void check_columns(const Geom& g, const int64_t* cpp, const int32_t* ce, const int64_t* rp,
+                   const int32_t* cols, const char* op);
 // Nonzero weights outside the support (float, Half, BFloat16).
 template <typename T>
 int64_t escapes_of(const T* w, int64_t numel, const Plan& P);

@@ -128,6 +128,11 @@ def _check_csr(ptr: Tensor, ent: Tensor, rows: int, limit: int, op: str, what: s
         raise ValueError(f"{op}: {what} pointer must ascend from 0 to the entry count")
     if ent.numel() and (int(ent.min()) < 0 or int(ent.max()) >= limit):
         raise ValueError(f"{op}: {what} entries must lie in [0, {limit})")
+    group = torch.repeat_interleave(torch.arange(rows, device=ptr.device), ptr.diff())
+    same = group[1:] == group[:-1]
+    if bool((same & (ent[1:] <= ent[:-1])).any()):
+        raise ValueError(f"{op}: {what} entries must be strictly ascending within each group "
+                         "(no repeats)")
 
 
 def theta_and_slope(omega: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -266,6 +271,11 @@ def sparse_conv_backward(dy: Tensor, xptr: Tensor, xq: Tensor, xv: Tensor, omega
     if bool((ci_of != torch.repeat_interleave(torch.arange(c, device=cent.device),
                                               cptr.diff())).any()):
         raise ValueError(f"{op}: support column entries do not match their input channel")
+    rows = torch.repeat_interleave(torch.arange(co, device=cols.device), rowptr.diff())
+    by_rows = (rows * omega[0].numel() + cols.long()).sort().values
+    if not torch.equal(by_rows, cent.long().sort().values):
+        raise ValueError(f"{op}: support rows and columns hold different entries (one "
+                         "support must be the same set in both groupings)")
     theta, slope = theta_and_slope(omega, beta)
     mask = torch.zeros(omega.numel(), dtype=torch.bool, device=omega.device)
     mask[cent.long()] = True
