@@ -6,6 +6,7 @@
     sparsefl info
     sparsefl bench sam|topk|aggregate|codec|round|scaling|sparse-train|all
     sparsefl bench round-cost CONFIG.toml [--set section.key=value ...] [--rounds N]
+    sparsefl bench calibrate [CONFIG.toml] [--set ...] [--rounds N]   (re-time "auto")
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(sparse_train.run(rounds=args.rounds if args.rounds != 30 else 5, quick=args.quick,
                                out_dir=args.out))
+        return 0
+    if args.what == "calibrate":
+        from sparsefl.bench import calibrate
+
+        try:
+            print(calibrate.main(args.config, args.set,
+                                 args.rounds if args.rounds != 30 else 2, args.threads))
+        except (ValueError, *fl_errors()) as e:
+            print(f"sparsefl bench calibrate: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.what == "round-cost":
         from sparsefl.bench import round_cost
@@ -185,20 +196,25 @@ def main(argv: list[str] | None = None) -> int:
         func=_info)
     bench = sub.add_parser("bench", help="run a kernel benchmark and print its table")
     bench.add_argument("what", choices=["sam", "topk", "aggregate", "codec", "round",
-                                        "round-cost", "scaling", "sparse-train", "all"],
+                                        "round-cost", "scaling", "sparse-train", "calibrate",
+                                        "all"],
                        help="sam: SAM/ASAM perturb+restore; topk: global top-k mask; "
                             "aggregate: sparse aggregation; codec: payload sizes; round: one "
                             "SparsyFed+FedSAM round, engine vs eager, per phase; round-cost "
                             "CONFIG: rounds of a config vs the same with plain torch layers "
                             "(sparsity.method=none), per phase; sparse-train: "
-                            "Powerprop layers and client steps, dense vs sparse vs auto")
-    bench.add_argument("config", nargs="?", help="round-cost: the TOML config to measure")
+                            "Powerprop layers and client steps, dense vs sparse vs auto; "
+                            "calibrate [CONFIG]: drop this machine's recorded 'auto' "
+                            "decisions and re-time the cases the config's first rounds meet")
+    bench.add_argument("config", nargs="?",
+                       help="round-cost, calibrate: the TOML config to measure")
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="round-cost: override one config value (repeatable)")
+                       help="round-cost, calibrate: override one config value (repeatable)")
     bench.add_argument("--warmup", type=int, default=1,
                        help="round-cost: untimed rounds first (default 1)")
     bench.add_argument("--rounds", type=int, default=30,
-                       help="timed rounds (default 30; round: 2, round-cost: 3)")
+                       help="timed rounds (default 30; round: 2, round-cost: 3, "
+                            "calibrate: 2)")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.add_argument("--backend", default=None,

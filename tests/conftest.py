@@ -4,12 +4,21 @@ the GPU cases of tests/test_gpu_ops.py run."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# "auto"'s recorded timings go to a file of this session, never the user's
+# ~/.cache/sparsefl nor a SPARSEFL_AUTO_CACHE of their shell (subprocesses inherit it).
+_AUTO_DIR = tempfile.mkdtemp(prefix="sparsefl-test-auto-")
+os.environ["SPARSEFL_AUTO_CACHE"] = os.path.join(_AUTO_DIR, "compute-auto.json")
+atexit.register(shutil.rmtree, _AUTO_DIR, ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,12 +263,40 @@ def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
     again = set_compute(model(), "auto", sample=sample)
     assert not timed
     assert again == {n: {"sparse": "dense", "dense": "sparse"}[c] for n, c in first.items()}
+    # records hold for one CPU, ISA and thread count: at another thread count, timed anew
+    old = torch.get_num_threads()
+    torch.set_num_threads(1 if old != 1 else 2)
+    try:
+        timed.clear()
+        set_compute(model(), "auto", sample=sample)
+        assert timed
+        entries = json.loads(cache.read_text())
+        assert {k.rsplit(" @ ", 1)[1] for k in entries} == {
+            spc.machine_id(), spc.machine_id().rsplit("|", 1)[0] + f"| {old} threads"}
+    finally:
+        torch.set_num_threads(old)
+    # forget_decisions (sparsefl bench calibrate) drops this machine's records only
+    before = json.loads(cache.read_text())
+    assert spc.forget_decisions() > 0
+    after = json.loads(cache.read_text())
+    assert after and set(after) < set(before)
+    assert all(not k.endswith(" @ " + spc.machine_id()) for k in after)
     for broken in ("not json", "[]"):  # a broken record is timed afresh, never fails
         cache.write_text(broken)
         monkeypatch.setattr(spc, "_AUTO_CACHE", {})
         timed.clear()
         set_compute(model(), "auto", sample=sample)
         assert timed and isinstance(json.loads(cache.read_text()), dict)
+
+
+def test_the_suite_never_writes_the_users_auto_cache():
+    """conftest points "auto" at a temporary file for the whole session (subprocesses
+    inherit it): no test run records timings in ~/.cache/sparsefl."""
+    from sparsefl.nn import sparse_compute as spc
+
+    path = spc.auto_cache_path()
+    assert path is not None and Path.home() / ".cache" not in path.parents
+    assert os.environ["SPARSEFL_AUTO_CACHE"] == str(path)
 
 
 def test_auto_calibrates_per_layer():

@@ -351,9 +351,9 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 5) -> tuple[f
 
 
 def auto_cache_path() -> Path | None:
-    """Where "auto" keeps its decisions for this machine and build of the kernels:
-    $SPARSEFL_AUTO_CACHE, else ~/.cache/sparsefl/compute-auto-<build>.json (None: no
-    extension, nothing to decide)."""
+    """Where "auto" keeps its decisions for this build of the kernels: $SPARSEFL_AUTO_CACHE,
+    else ~/.cache/sparsefl/compute-auto-<build>.json (None: no extension, nothing to
+    decide).  Each record is keyed by the layer case and `machine_id()`."""
     env = os.environ.get("SPARSEFL_AUTO_CACHE")
     if env:
         return Path(env)
@@ -418,12 +418,41 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
     return m.compute
 
 
+def machine_id() -> str:
+    """What a recorded timing holds for: the CPU model, the ISA the kernels run and the
+    thread count (a decision taken at 2 threads on an AVX-512 EPYC says nothing about 16
+    threads or an AVX2 Xeon).  The kernels' build is in the file name."""
+    from sparsefl.bench.machine import describe
+
+    d = describe()
+    return f"{d['cpu']} | {d['isa']} | {torch.get_num_threads()} threads"
+
+
+def _entry(key: tuple) -> str:
+    return f"{key!r} @ {machine_id()}"
+
+
+def forget_decisions() -> int:
+    """Drop this machine's recorded decisions (this CPU, ISA and thread count) from the
+    cache file and the process, so the next use of each layer shape re-measures it.
+    Returns how many records were dropped."""
+    suffix = f" @ {machine_id()}"
+    with _locked_decisions() as table:
+        mine = [k for k in table if k.endswith(suffix)]
+        for k in mine:
+            del table[k]
+    _AUTO_CACHE.clear()
+    AUTO_TIMINGS.clear()
+    return len(mine)
+
+
 def _recorded(key: tuple, measure) -> str:
     """The machine's recorded choice for `key`, else measure() -> (dense s, sparse s) and
     record "sparse" only when clearly faster (near a tie the dense path is safer)."""
+    key = (*key, ("threads", torch.get_num_threads()))  # in process: per thread count
     if key not in _AUTO_CACHE:
         with _locked_decisions() as table:
-            name = repr(key)
+            name = _entry(key[:-1])
             if table.get(name) in ("sparse", "dense"):
                 _AUTO_CACHE[key] = table[name]
             else:
