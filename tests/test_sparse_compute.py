@@ -496,3 +496,49 @@ def test_chain_refuses_bad_arguments():
         op(torch.randn(4, 6, 6), w, b, betas, plans, [-1] * 3, True)
     with pytest.raises(ValueError, match="no sparse plan"):
         op(x, w, b, betas, [10**9] * 3, [-1] * 3, True)
+
+
+@pytest.mark.parametrize("sets", [["sparsity.method=topk"], ["sparsity.method=none"],
+                                  ["sparsity.method=none", "decentralized.strategy=diffusion"]],
+                         ids=["topk", "none", "decentralized"])
+def test_compute_sparse_without_a_support_is_said_once_with_the_reason(tmp_path, sets, caplog):
+    cfg = flconfig.load(None, ["run.rounds=2", "data.clients=4", "server.clients_per_round=2",
+                               "client.epochs=1", "client.compute=sparse", *sets])
+    with caplog.at_level("WARNING", logger="sparsefl"):
+        hist = engine.run(cfg, tmp_path / "run")
+    said = [r for r in caplog.records if "client.compute = 'sparse'" in r.getMessage()]
+    assert len(said) == 1 and "no fixed support" in said[0].getMessage()
+    assert "all layers" in hist.rounds[-1]["dense_layers"]
+    assert "all layers" in hist.final["dense_layers"]
+
+
+def test_layers_left_dense_by_strict_false_are_named(tmp_path, caplog):
+    """FLASH's round 1 is dense (beta = 1, no mask yet): under compute = sparse the engine
+    names each layer that ran dense and why, in the log (once) and in summary.json."""
+    cfg = flconfig.load(None, ["run.rounds=2", "data.clients=4", "server.clients_per_round=2",
+                               "client.epochs=1", "client.compute=sparse",
+                               "sparsity.method=flash", "sparsity.beta=1.0"])
+    with caplog.at_level("WARNING", logger="sparsefl"):
+        hist = engine.run(cfg, tmp_path / "run")
+    dense = hist.final.get("dense_layers", {})
+    said = [r.getMessage() for r in caplog.records if "runs dense" in r.getMessage()]
+    assert dense and len(said) == len(dense)
+    assert all(why.startswith("from round 1: beta = 1") for why in dense.values())
+    assert all(hist.rounds[0]["compute_layers"][n] == "dense" for n in dense)
+    # round 2 has FLASH's fixed mask: the same layers compute sparse, and nothing new is said
+    assert set(hist.rounds[1]["compute_layers"].values()) == {"sparse"}
+
+
+def test_no_sparse_kernel_off_the_cpu_is_refused_or_dense_never_labelled_sparse():
+    m = PowerpropLinear(8, 4)
+    with torch.no_grad():
+        m.weight.mul_(ops.topk_mask(m.weight, 0.5))
+    m = m.to("meta")
+    from sparsefl.nn.sparse_compute import unsupported
+
+    assert "C++ CPU kernels" in unsupported(m)
+    net = nn.Sequential(m)
+    with pytest.raises(ValueError, match="C\\+\\+ CPU kernels"):
+        set_compute(net, "sparse")
+    assert set_compute(net, "sparse", strict=False) == {"0": "dense"}
+    assert set_compute(net, "auto", strict=False) == {"0": "dense"}

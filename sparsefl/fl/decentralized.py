@@ -194,6 +194,8 @@ class DecentralizedSimulation:
                 rec.update(self.evaluate())
         rec["time"] = timers.as_dict()
         rec["wall"] = time.perf_counter() - t0
+        if self.base.dense_layers:  # client.compute = "sparse" on a dense model: said
+            rec["dense_layers"] = dict(self.base.dense_layers)
         return rec
 
     def evaluate(self) -> dict[str, Any]:

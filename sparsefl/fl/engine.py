@@ -49,7 +49,7 @@ from sparsefl.fl.timers import Timers
 from sparsefl.models.init import apply_init
 from sparsefl.nn import layer_sparsity, set_compute
 from sparsefl.nn.powerprop import POWERPROP
-from sparsefl.nn.sparse_compute import compute_summary
+from sparsefl.nn.sparse_compute import compute_summary, dense_reasons
 from sparsefl.ops.tiled import untile
 
 log = logging.getLogger("sparsefl")
@@ -125,6 +125,12 @@ class Simulation:
         self.model = self.sparsifier.setup_model(model).to(self.device)
         self.has_powerprop = any(isinstance(m, POWERPROP) for m in self.model.modules())
         self.compute_choice: dict[str, str] = {}
+        # client.compute = "sparse" honoured or said: the layers that run dense, and why
+        self.dense_layers: dict[str, str] = {}
+        if cfg.client.compute == "sparse" and not self.has_powerprop:
+            self._note_dense({"all layers": f"sparsity.method = {cfg.sparsity.method!r} "
+                              "trains plain torch layers: there is no fixed support to "
+                              "compute on (docs/architecture.md, sparse compute)"})
         frozen: set[str] = set()
         if cfg.personalization.method == "fedbabu":  # the head stays at its random init
             head_name, head = models.head(self.model)
@@ -193,6 +199,9 @@ class Simulation:
                     recompute=cfg.client.recompute,
                     fixed_support=self.sparsifier.fixed_support(), strict=False,
                     fused=self._fused)
+                if cfg.client.compute == "sparse":
+                    self._note_dense(dense_reasons(self.model, self.compute_choice,
+                                                   self.sparsifier.fixed_support()), rnd)
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
             hook = self.sparsifier.step_hook(self.model)
@@ -212,6 +221,15 @@ class Simulation:
                 a, d = regrowth(received[e.offset:e.offset + e.numel], c.indices)
                 activated, deactivated = activated + a, deactivated + d
         return ClientUpdate(cid, payload, len(y), loss, sel, activated, deactivated)
+
+    def _note_dense(self, reasons: dict[str, str], rnd: int | None = None) -> None:
+        """Log, once per run and layer, a layer that runs dense under compute = sparse
+        (from which round, when it is a round's state that keeps it dense)."""
+        for name, why in reasons.items():
+            if name not in self.dense_layers:
+                self.dense_layers[name] = why if rnd is None else f"from round {rnd}: {why}"
+                log.warning("client.compute = 'sparse': %s runs dense %s", name,
+                            self.dense_layers[name])
 
     def _receive(self, cid: int, rnd: int, received: Tensor, down_ref: list[Tensor | None],
                  lr: float, timers: Timers) -> tuple[ClientUpdate | None, Any, str | None]:
@@ -350,6 +368,8 @@ class Simulation:
         if self.compute_choice:  # the last client's per-layer compute path
             rec["compute"] = compute_summary(self.compute_choice)
             rec["compute_layers"] = dict(self.compute_choice)
+        if self.dense_layers:
+            rec["dense_layers"] = dict(self.dense_layers)
         last = rnd == cfg.run.rounds
         if rnd % cfg.run.eval_every == 0 or last:
             with timers("eval"):
@@ -483,6 +503,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "swa_acc" in last:
         out["swa_acc"] = last["swa_acc"]
+    dense = [r["dense_layers"] for r in rounds if "dense_layers" in r]
+    if dense:  # client.compute = "sparse" asked, these ran dense (and why)
+        out["dense_layers"] = dense[-1]
     pers = [r["personalized"] for r in rounds if "personalized" in r]
     if pers:
         out["personalized"] = pers[-1]

@@ -75,6 +75,9 @@ def _geometry(m: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int
 
 def unsupported(m: nn.Module, fixed_support: bool = False) -> str | None:
     """Why the sparse path would be wrong for this layer, or None."""
+    if m.weight.device.type != "cpu":
+        return (f"its weight is on {m.weight.device.type}: the sparse kernels are C++ CPU "
+                "kernels (there, the reference would be dense math labelled sparse)")
     if m.beta == 1.0 and not fixed_support:
         return ("beta = 1: zero weights get gradients, so the support may grow during "
                 "training (pass fixed_support=True if a mask keeps it fixed)")
@@ -670,6 +673,14 @@ def _recompute_layers(model: nn.Module, layers: list[nn.Module],
     if largest * sample.shape[0] * sample.element_size() < min_bytes:
         return []
     return [m for m, n in size.items() if 2 * n >= largest]
+
+
+def dense_reasons(model: nn.Module, choice: dict[str, str],
+                  fixed_support: bool = False) -> dict[str, str]:
+    """Why each layer that set_compute(..., strict=False) left dense is dense."""
+    mods = dict(model.named_modules())
+    return {n: unsupported(mods[n], fixed_support) or "left dense by set_compute"
+            for n, c in choice.items() if c == "dense"}
 
 
 def compute_summary(choice: dict[str, str]) -> dict[str, Any]:
