@@ -281,6 +281,7 @@ def _decoded_dense(m: Message, sent: ArrayRecord) -> Message:
     sparse_names = [n for n in names if n not in rec]
     chunks = codec.decode(rec[PAYLOAD_KEY].numpy().tobytes())
     upd = dict(zip(sparse_names, chunks))
+    dtypes = dict(m.content.config_records.get("sparsefl-dtypes") or {})
     out = {}
     for n in names:
         if n in rec:
@@ -288,7 +289,7 @@ def _decoded_dense(m: Message, sent: ArrayRecord) -> Message:
         else:
             a = sent[n].numpy()
             out[n] = (a + upd[n].to_dense(torch.float32).numpy().reshape(a.shape)).astype(
-                a.dtype)
+                dtypes.get(n, a.dtype))
     return Message(RecordDict({"arrays": _record(out), "metrics": m.content["metrics"]}),
                    reply_to=_instr(m))
 
@@ -323,10 +324,10 @@ def test_strategy_matrix_equals_the_inner_strategy_on_decoded_replies(name,
 
 
 # --------------------------------------------------------------------- downlink ---------
-def _run(downlink: bool, absent: dict[int, set[int]], rounds: int = 6):
+def _run(downlink: bool, absent: dict[int, set[int]], rounds: int = 6, inner=None):
     """Rounds of a 4-node federation in process; absent[round] = nodes whose message is
     lost that round (they do not train and do not reply)."""
-    s = SparseStrategy(FedAvg(**MIN), downlink=downlink)
+    s = SparseStrategy((inner or (lambda: FedAvg(**MIN)))(), downlink=downlink)
     ctx = {n: node_context(n) for n in NODES}
     arrays = _record(_model())
     mod = sparse_mod(density=0.05)
@@ -342,10 +343,13 @@ def _run(downlink: bool, absent: dict[int, set[int]], rounds: int = 6):
     return s, seen, arrays
 
 
-def test_sparse_downlink_is_exact_and_smaller(server_identity):  # noqa: F811
+@pytest.mark.parametrize("inner", ["FedAvg", "FedAdam"])
+def test_sparse_downlink_is_exact_and_smaller(inner, server_identity):  # noqa: F811
+    """FedAdam's arrays are float64 (and its int64 counter too): their changes travel as
+    32-bit words, exact to the bit like float32's."""
     absent = {2: {12}, 3: {12, 13}, 4: {13}}
-    sparse, seen_s, final_s = _run(True, absent)
-    dense, seen_d, final_d = _run(False, absent)
+    sparse, seen_s, final_s = _run(True, absent, inner=INNERS[inner])
+    dense, seen_d, final_d = _run(False, absent, inner=INNERS[inner])
     assert seen_s.keys() == seen_d.keys()
     for key in seen_d:  # every node saw exactly the model the dense downlink gave it
         for k in seen_d[key]:
@@ -359,6 +363,42 @@ def test_sparse_downlink_is_exact_and_smaller(server_identity):  # noqa: F811
         assert sparse.downlink_bytes[rnd] < dense.downlink_bytes[rnd]
     # a node that missed rounds 2-3 got the change since round 1, not the full model
     assert sparse.downlink_bytes[4] < dense.downlink_bytes[4]
+
+
+def test_a_float32_reply_to_float64_arrays_stays_sparse_and_keeps_its_dtype(
+        server_identity):  # noqa: F811
+    """A torch model loads FedAdam's float64 arrays and answers float32: the mod still
+    sends a payload, and the server rebuilds float32, as the dense reply had it."""
+    wrapped, ref = SparseStrategy(INNERS["FedAdam"]()), INNERS["FedAdam"]()
+    ctx = {n: node_context(n) for n in NODES}
+    arrays = _record(_model())
+    mod = sparse_mod(density=0.05)
+
+    def as_torch(rnd):
+        inner = _handler(rnd)
+
+        def handler(msg, ctxt):
+            out = inner(msg, ctxt)
+            rec = out.content["arrays"]
+            cast = {k: (a.numpy().astype(np.float32) if a.numpy().dtype.kind == "f"
+                        else a.numpy()) for k, a in rec.items()}
+            return reply(msg, cast, weight=out.content["metrics"]["num-examples"],
+                         train_loss=out.content["metrics"]["train_loss"])
+        return handler
+
+    for rnd in (1, 2, 3):
+        msgs = list(wrapped.configure_train(rnd, arrays, ConfigRecord({}), Grid(NODES)))
+        list(ref.configure_train(rnd, arrays, ConfigRecord({}), Grid(NODES)))
+        replies = [run_node(mod, m, ctx[m.metadata.dst_node_id], as_torch(rnd)) for m in msgs]
+        assert all(PAYLOAD_KEY in r.content["arrays"] for r in replies)
+        dense = [_decoded_dense(r, arrays) for r in replies]
+        got, _ = wrapped.aggregate_train(rnd, replies)
+        want, _ = ref.aggregate_train(rnd, dense)
+        for k in want:
+            assert got[k].numpy().dtype == want[k].numpy().dtype, (rnd, k)
+            np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=2e-6, atol=2e-6)
+        arrays = want
+    assert any(a.numpy().dtype == np.float64 for a in arrays.values())  # FedAdam's output
 
 
 def test_a_node_that_lost_its_model_gets_the_full_model_next_round(server_identity):  # noqa: F811

@@ -77,6 +77,8 @@ HELD_KEY = "sparsefl-held-model"  # the node's copy of the last model it receive
 HELD_INFO = "sparsefl-held-version"  # ConfigRecord {"version": str} beside it
 DOWN_KEY = "sparsefl-downlink"  # ConfigRecord of a train message: {"version", "base"}
 NODE_KEY = "sparsefl-node"  # ConfigRecord of a train reply: {"holds": version}
+DTYPE_KEY = "sparsefl-dtypes"  # ConfigRecord of a train reply: {sparse array: its dtype}
+FLOAT_DTYPES = ("float16", "float32", "float64")
 MEAN_BASED = {"FedAvg", "FedAvgM", "FedOpt", "FedAdam", "FedYogi", "FedAdagrad"}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 DENSE_BELOW = 256
@@ -96,17 +98,18 @@ def _wide(dtype: np.dtype) -> np.dtype:
 
 
 def _update(new: np.ndarray, old: np.ndarray) -> torch.Tensor:
-    w = _wide(old.dtype)
+    w = np.result_type(_wide(old.dtype), new.dtype)
     d = new.astype(w, copy=False) - old.astype(w, copy=False)
     return torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32).reshape(-1))
 
 
-def _add(old: np.ndarray, flat: np.ndarray) -> np.ndarray:
-    """old + a flat float update, in the wide dtype, back in old's dtype and shape."""
-    w = _wide(old.dtype)
+def _add(old: np.ndarray, flat: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """old + a flat float update, in the wide dtype, in `dtype` (default old's) and
+    old's shape."""
+    w = np.result_type(_wide(old.dtype), dtype or old.dtype)
     out = old.astype(w, copy=True).reshape(-1)
     out += flat.astype(w, copy=False)
-    return out.reshape(old.shape).astype(old.dtype, copy=False)
+    return out.reshape(old.shape).astype(dtype or old.dtype, copy=False)
 
 
 def _u8(data: bytes) -> Array:
@@ -165,10 +168,13 @@ def sparse_mod(density: float = 0.05, value_dtype: torch.dtype = torch.float16,
             log.warning("sparse_mod: the reply's arrays are not the received ones; sent dense")
             return out
         new = reply.to_numpy_ndarrays()
-        if any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(new, sent)):
-            log.warning("sparse_mod: the reply's array shapes or dtypes changed; sent dense")
+        if any(a.shape != b.shape for a, b in zip(new, sent)):
+            log.warning("sparse_mod: the reply's array shapes changed; sent dense")
             return out
-        is_d = [dense(n, a) for n, a in zip(names, sent)]
+        # a float array may come back in another float dtype (a float32 model loaded
+        # FedAdam's float64 arrays): its update is taken in the wider one, and the
+        # server rebuilds it in the reply's dtype (DTYPE_KEY), as the dense reply had it
+        is_d = [dense(n, a) or b.dtype.kind != "f" for n, a, b in zip(names, sent, new)]
         sparse_names = [n for n, d in zip(names, is_d) if not d]
         if not sparse_names:
             return out
@@ -178,6 +184,10 @@ def sparse_mod(density: float = 0.05, value_dtype: torch.dtype = torch.float16,
         arrays = {PAYLOAD_KEY: _u8(payload)}
         arrays.update({n: reply[n] for n, d in zip(names, is_d) if d})
         out.content[key] = ArrayRecord(arrays)
+        changed = {n: str(a.dtype) for n, a, b, d in zip(names, new, sent, is_d)
+                   if not d and a.dtype != b.dtype}
+        if changed:
+            out.content[DTYPE_KEY] = ConfigRecord(changed)
         return out
 
     return mod
@@ -242,14 +252,21 @@ def _receive_downlink(msg: Message, ctxt: Context) -> str | None:
     return version
 
 
+def _worded(a: np.ndarray) -> bool:
+    """Whether the downlink sends an array's changes as 32-bit words (float32, float64,
+    int32, int64 ...: any itemsize a multiple of 4); others travel whole when changed."""
+    return a.dtype.itemsize % 4 == 0 and a.size > 0
+
+
 def _apply_delta(held: ArrayRecord, rec: ArrayRecord) -> ArrayRecord:
     """The held arrays with a downlink's changes: whole arrays by name, and the payload's
-    chunks over the held float32 arrays not sent whole, in order."""
+    chunks over the 32-bit words of the other worded arrays, in order (the values are
+    the new words' bits, carried as float32: exact, NaN patterns included)."""
     names = list(held.keys())
     extra = set(rec.keys()) - {PAYLOAD_KEY} - set(names)
     if extra:
         raise ValueError(f"sparsefl downlink: unknown arrays {sorted(extra)}")
-    targets = [n for n in names if n not in rec and held[n].dtype == "float32"]
+    targets = [n for n in names if n not in rec and _worded(held[n].numpy())]
     chunks = codec.decode(rec[PAYLOAD_KEY].numpy().tobytes(), nonfinite="allow") \
         if PAYLOAD_KEY in rec else []
     if len(chunks) != len(targets):
@@ -260,11 +277,12 @@ def _apply_delta(held: ArrayRecord, rec: ArrayRecord) -> ArrayRecord:
             out[n] = rec[n]
         elif n in targets:
             c = next(it)
-            a = held[n].numpy().copy()
-            if c.numel != a.size:
-                raise ValueError(f"sparsefl downlink: '{n}' has {a.size} entries, the change "
-                                 f"{c.numel}")
-            a.reshape(-1)[c.indices.numpy()] = c.values.float().numpy()
+            a = np.array(held[n].numpy(), order="C")  # a copy; 0-d stays 0-d
+            words = a.reshape(-1).view(np.float32)
+            if c.numel != words.size:
+                raise ValueError(f"sparsefl downlink: '{n}' has {words.size} words, the "
+                                 f"change {c.numel}")
+            words[c.indices.numpy()] = c.values.numpy()
             out[n] = Array(a)
         else:
             out[n] = held[n]
@@ -284,6 +302,10 @@ class _Update:
     sparse: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     is_sparse: bool = False  # sent through sparse_mod (a payload), not plain arrays
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # sparse, not the sent dtype
+
+    def dtype(self, n: str, sent: np.ndarray) -> np.dtype:
+        return self.dtypes.get(n, sent.dtype)
 
 
 def _aggregating_class(strategy: Strategy) -> str:
@@ -432,6 +454,11 @@ class SparseStrategy(Strategy):
                                f"model's {len(sparse_names)} sparse arrays")
             for n, c in zip(sparse_names, chunks):
                 upd.sparse[n] = (c.indices, c.values.float())
+            tag = content.config_records.get(DTYPE_KEY)
+            for n, dt in (tag or {}).items():
+                if n not in upd.sparse or dt not in FLOAT_DTYPES:
+                    raise _Refused(f"dtype tag {n!r}: {dt!r} names no sparse float array")
+                upd.dtypes[n] = np.dtype(dt)
         elif set(keys) != set(names) or len(keys) != len(names):
             raise _Refused("its arrays are not the model's")
         for n in keys:
@@ -544,7 +571,8 @@ class SparseStrategy(Strategy):
         the rest weighted as Flower's FedAvg does (value * w / W, in reply order)."""
         weights = [u.weight for u in usable]
         total_w = sum(weights)
-        acc_names = [n for n in names if all(n in u.sparse for u in usable)]
+        acc_names = [n for n in names if all(n in u.sparse for u in usable)
+                     and len({u.dtype(n, sent[n]) for u in usable}) == 1]
         offsets = dict(zip(acc_names, np.cumsum([0] + [sent[n].size for n in acc_names])
                            .tolist()))
         out: dict[str, Array] = {}
@@ -559,7 +587,8 @@ class SparseStrategy(Strategy):
         for n in names:
             if n in offsets:
                 o = offsets[n]
-                out[n] = Array(_add(sent[n], mean[o:o + sent[n].size]))
+                out[n] = Array(_add(sent[n], mean[o:o + sent[n].size],
+                                    usable[0].dtype(n, sent[n])))
                 continue
             s = None
             for u, f in zip(usable, factors):  # as flwr's aggregate_arrayrecords, in place
@@ -581,7 +610,7 @@ class SparseStrategy(Strategy):
         idx, val = u.sparse[n]
         d = np.zeros(sent[n].size, np.float32)
         d[idx.numpy()] = val.numpy()
-        return _add(sent[n], d)
+        return _add(sent[n], d, u.dtype(n, sent[n]))
 
 
 def _with_content(msg: Message, content: RecordDict) -> Message:
@@ -594,7 +623,9 @@ def _with_content(msg: Message, content: RecordDict) -> Message:
 
 def _delta_record(base: ArrayRecord, cur: ArrayRecord) -> ArrayRecord | None:
     """The downlink change from `base` to `cur` (module docstring), or None when the
-    models differ in their arrays or the change is not smaller than the full arrays."""
+    models differ in their arrays or the change is not smaller than the full arrays.
+    An array whose itemsize is a multiple of 4 is compared as 32-bit words (a float64
+    or int64 entry that changed costs its changed words); others are sent whole."""
     if list(base.keys()) != list(cur.keys()):
         return None
     chunks, whole = [], {}
@@ -602,11 +633,13 @@ def _delta_record(base: ArrayRecord, cur: ArrayRecord) -> ArrayRecord | None:
         b = base[n]
         if b.dtype != c.dtype or list(b.shape) != list(c.shape):
             return None
-        if c.dtype == "float32":
-            cb, bb = c.numpy().reshape(-1), b.numpy().reshape(-1)
-            idx = np.flatnonzero(cb.view(np.uint32) != bb.view(np.uint32))
-            chunks.append(codec.SparseChunk(cb.size, torch.from_numpy(idx),
-                                            torch.from_numpy(cb[idx].copy())))
+        ca = np.ascontiguousarray(c.numpy())
+        if _worded(ca):
+            cw = ca.reshape(-1).view(np.uint32)
+            bw = np.ascontiguousarray(b.numpy()).reshape(-1).view(np.uint32)
+            idx = np.flatnonzero(cw != bw)
+            chunks.append(codec.SparseChunk(cw.size, torch.from_numpy(idx),
+                                            torch.from_numpy(cw[idx].view(np.float32))))
         elif c.data != b.data:
             whole[n] = c
     rec = {PAYLOAD_KEY: _u8(codec.encode(chunks, torch.float32))} if chunks else {}
