@@ -179,3 +179,33 @@ def test_dense_path_gradients_match_plain_torch(threshold, density, stride):
         m.weight.grad, dtheta * m.beta * m.weight.detach().abs() ** (m.beta - 1),
         rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m.bias.grad, gy.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_per_batch_cut_among_zeros_keeps_the_input_without_a_selection(mode):
+    """A post-ReLU input with fewer nonzeros than the top k: the k largest are every
+    nonzero plus some zeros, so the pruned input is x itself; act_cut says so (k = -1)
+    and both paths give the unpruned weight gradient."""
+    from sparsefl.nn.powerprop import act_cut
+
+    torch.manual_seed(5)
+    m = PowerpropConv2d(4, 6, 3, padding=1, bias=False, beta=1.25)
+    with torch.no_grad():
+        m.weight.mul_((torch.rand_like(m.weight) < 0.5).float())
+    set_activation_density(nn.Sequential(m))
+    m.act_density = 0.8
+    x = torch.relu(torch.randn(5, 4, 9, 9))  # ~50% zeros: the 80% cut falls among them
+    assert act_cut(m, x) == (-1, None) and act_keep(m, x) == int(torch.count_nonzero(x))
+    dense_x = torch.randn(5, 4, 9, 9)  # no zeros: a real top-k
+    assert act_cut(m, dense_x)[0] == dense_x.numel() - round(0.2 * dense_x.numel())
+    set_compute(nn.Sequential(m), mode)
+    m.train()
+    xg = x.clone().requires_grad_(True)
+    y = m(xg)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    theta = powerprop(m.weight.detach(), m.beta)
+    dtheta = torch.nn.grad.conv2d_weight(x, theta.shape, gy, 1, 1)
+    torch.testing.assert_close(
+        m.weight.grad, dtheta * m.beta * m.weight.detach().abs() ** (m.beta - 1),
+        rtol=1e-4, atol=1e-6)

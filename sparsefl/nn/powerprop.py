@@ -95,9 +95,19 @@ def act_prune_seconds() -> float:
 def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
     """How this batch's activation pruning cuts the layer input x: (k, None), keep the k
     largest |x| (per batch), or (-1, tau) under "first_batch" (conv layers), keep every
-    |x| >= tau, tau being the k-th largest magnitude of the round's first batch."""
+    |x| >= tau, tau being the k-th largest magnitude of the round's first batch; (-1,
+    None) when the k largest hold every nonzero (k >= the nonzero count: a post-ReLU input
+    at a high keep fraction): the pruned input is x itself, whichever zeros the top k
+    would keep, so no selection runs (one count instead of a top-k; it was 30% of a
+    per-batch SparsyFed step, its stage-1 cuts falling among ~10^5 tied zeros)."""
     k = keep_count(x.numel(), m.act_density)
     if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
+        if 0 < k < x.numel():
+            t0 = time.perf_counter()
+            every_nonzero = k >= int(torch.count_nonzero(x.detach()))
+            ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
+            if every_nonzero:
+                return -1, None
         return k, None
     if m.act_tau is None:
         t0 = time.perf_counter()
@@ -123,17 +133,22 @@ def act_keep(m: nn.Module, x: Tensor) -> int:
     """How many entries of x this batch's activation pruning keeps (act_cut as a count; the
     layers never need it, the tests state the pruning rule with it)."""
     k, tau = act_cut(m, x)
-    return k if tau is None else int(torch.count_nonzero(x.detach().abs() >= tau))
+    if tau is None:
+        return k if k >= 0 else int(torch.count_nonzero(x.detach()))
+    return int(torch.count_nonzero(x.detach().abs() >= tau))
 
 
 def _save_pruned(ctx, x: Tensor, k: int, tau: float | None = None) -> None:
     """Save x pruned for the weight gradient.  Under a threshold tau: dense and masked when
     a third or more of it survives (then no larger than indices + values), else as indices
-    + values; per batch (top k): always indices + values from topk_compress."""
+    + values; per batch (top k): indices + values from topk_compress; k = -1 (every
+    nonzero kept): x itself."""
     t0 = time.perf_counter()
     xd = x.detach()
     ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-    if tau is not None:
+    if tau is None and k == -1:
+        ctx.save_for_backward(xd)
+    elif tau is not None:
         drop = xd.abs() < tau
         if 3 * (xd.numel() - int(torch.count_nonzero(drop))) >= xd.numel():
             ctx.save_for_backward(xd.masked_fill(drop, 0))
