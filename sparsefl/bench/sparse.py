@@ -22,9 +22,9 @@ def copy_workload(n: int, device: str = "cpu") -> Workload:
     return Workload("copy (x.copy_)", lambda: dst.copy_(src), 8 * n, None)
 
 
-def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = None
-                   ) -> tuple[list[Workload], int]:
-    xs = make_tensors(resnet18_shapes(), seed, device=device)
+def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = None,
+                   shapes=None) -> tuple[list[Workload], int]:
+    xs = make_tensors(shapes or resnet18_shapes(), seed, device=device)
     n = sum(x.numel() for x in xs)
 
     def eager(density: float):
@@ -32,10 +32,17 @@ def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = Non
         thr = torch.topk(flat, ops.keep_count(n, density), sorted=False).values.min()
         return [x.abs() >= thr for x in xs]
 
+    def eager_kth(density: float):  # the other way the field writes it
+        flat = torch.cat([x.flatten() for x in xs]).abs()
+        thr = flat.kthvalue(n - ops.keep_count(n, density) + 1).values
+        return [x.abs() >= thr for x in xs]
+
     out = [copy_workload(n, device)]
     for d in (0.05, 0.01):
         out.append(Workload(f"top-k mask {d:.0%} eager (torch.topk)",
                             lambda d=d: eager(d), None, None))
+        out.append(Workload(f"top-k mask {d:.0%} eager (kthvalue threshold)",
+                            lambda d=d: eager_kth(d), None, None))
         out.append(Workload(f"top-k mask {d:.0%} fused",
                             lambda d=d: ops.topk_mask(xs, d, backend=backend),
                             17 * n, f"top-k mask {d:.0%} eager (torch.topk)"))
@@ -43,9 +50,9 @@ def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = Non
 
 
 def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.01)),
-                        device: str = "cpu", backend: str | None = None
+                        device: str = "cpu", backend: str | None = None, shapes=None
                         ) -> tuple[list[Workload], int]:
-    n = sum(torch.Size(s).numel() for s in resnet18_shapes())
+    n = sum(torch.Size(s).numel() for s in shapes or resnet18_shapes())
     g = torch.Generator().manual_seed(seed)
     base, out = torch.randn(n, device=device), torch.empty(n, device=device)
     work = [copy_workload(n, device)]

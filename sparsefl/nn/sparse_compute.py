@@ -77,7 +77,8 @@ def unsupported(m: nn.Module, fixed_support: bool = False) -> str | None:
     """Why the sparse path would be wrong for this layer, or None."""
     if m.weight.device.type != "cpu":
         return (f"its weight is on {m.weight.device.type}: the sparse kernels are C++ CPU "
-                "kernels (there, the reference would be dense math labelled sparse)")
+                "kernels (there, the reference would be dense math labelled sparse); use "
+                "compute 'dense' or 'auto' (dense there)")
     if m.beta == 1.0 and not fixed_support:
         return ("beta = 1: zero weights get gradients, so the support may grow during "
                 "training (pass fixed_support=True if a mask keeps it fixed)")
