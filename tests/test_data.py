@@ -68,6 +68,14 @@ def test_partition_bad_input():
         data.partition(y, 30, "shards", shards_per_client=2)
 
 
+def test_shipped_digits_are_scikit_learns():
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    with np.load(sources.DIGITS_FILE, allow_pickle=False) as f:
+        assert np.array_equal(f["images"], d.images) and f["images"].dtype == np.uint8
+        assert np.array_equal(f["target"], d.target)
+
+
 def test_digits_is_embedded_and_standardised():
     d = data.load("digits")
     assert d.input_shape == (1, 8, 8) and d.num_classes == 10

@@ -31,26 +31,31 @@ def _batches(n: int, batch: int, gen: torch.Generator):
         yield perm[i:i + batch]
 
 
+def _optimizer(model: nn.Module, kind: str, lr: float, cfg: ClientSection):
+    params = [p for p in model.parameters() if p.requires_grad]
+    sgd = dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, **sgd)
+    if kind == "sam":
+        return SAM(params, torch.optim.SGD, rho=cfg.rho, **sgd)
+    if kind == "asam":
+        return ASAM(torch.optim.SGD(params, **sgd), model, rho=cfg.rho, eta=cfg.eta)
+    return AgnosticSAM(params, torch.optim.SGD, rho=cfg.rho, rho2=cfg.rho2, **sgd)
+
+
 def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: float,
                 gen: torch.Generator, timers: Timers | None = None,
                 after_step: Callable[[], None] | None = None) -> float:
     """Train `model` in place on (x, y); returns the mean training loss."""
     timers = timers or Timers()
-    params = [p for p in model.parameters() if p.requires_grad]
-    sgd = dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = cfg.optimizer
-    if kind == "sgd":
-        opt = torch.optim.SGD(params, **sgd)
-    elif kind == "sam":
-        opt = SAM(params, torch.optim.SGD, rho=cfg.rho, **sgd)
-    elif kind == "asam":
-        base = torch.optim.SGD(params, **sgd)
-        opt = ASAM(base, model, rho=cfg.rho, eta=cfg.eta)
-    elif kind == "agnostic_sam":
-        opt = AgnosticSAM(params, torch.optim.SGD, rho=cfg.rho, rho2=cfg.rho2, **sgd)
-    else:
+    if kind not in ("sgd", "sam", "asam", "agnostic_sam"):
         raise ValueError(f"client.optimizer: unknown {kind!r}")
-
+    model.train()
+    run = fused_sgd(model) if kind == "sgd" and cfg.fused and after_step is None else None
+    # the fused path needs no torch optimizer: building one imports torch._dynamo (~1 s,
+    # Optimizer.add_param_group is wrapped by torch._compile), a third of the default run
+    opt = _optimizer(model, kind, lr, cfg) if run is None else None
     n = len(y)
     if kind == "agnostic_sam":  # a seeded train/validation split of the local data
         perm = torch.randperm(n, generator=gen)
@@ -61,10 +66,8 @@ def local_train(model: nn.Module, x: Tensor, y: Tensor, cfg: ClientSection, lr: 
         xv, yv, x, y, n = x[val_idx], y[val_idx], x[tr_idx], y[tr_idx], len(tr_idx)
         val_order = iter(())
 
-    model.train()
     total, steps = 0.0, 0
     t_start, sam_time, act_start = timers.now(), 0.0, act_prune_seconds()
-    run = fused_sgd(model) if kind == "sgd" and cfg.fused and after_step is None else None
     if run is not None:  # every step in one kernel call: the same batches, the same updates
         orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(cfg.epochs)]) \
             if cfg.epochs else torch.empty(0, n, dtype=torch.int64)

@@ -51,11 +51,11 @@ def summary_table(final: dict[str, Any], name: str = "") -> str:
 
 
 def plot(run_dir: str | Path) -> list[Path]:
-    """accuracy.png, sparsity.png and bytes.png in the run directory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """accuracy.png, sparsity.png and bytes.png in the run directory.  Figures are made
+    without pyplot (no backend set-up, nothing global) and with fixed margins (a layout
+    engine cost ~0.1 s a figure): part of keeping `sparsefl run` quick to start and end."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     rows = load_metrics(run_dir)
@@ -63,14 +63,15 @@ def plot(run_dir: str | Path) -> list[Path]:
     out: list[Path] = []
 
     def figure(name: str, draw, legend: dict) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        fig.subplots_adjust(left=0.15, right=0.97, bottom=0.12, top=0.92)
+        ax = fig.add_subplot()
         draw(ax)
         ax.grid(alpha=0.3)
         ax.legend(**legend)
-        fig.tight_layout()
         out.append(run_dir / name)
         fig.savefig(out[-1], dpi=120)
-        plt.close(fig)
 
     def accuracy(ax) -> None:
         ax.plot([r["round"] for r in evals], [r["acc"] for r in evals], label="global model")
