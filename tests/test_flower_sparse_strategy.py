@@ -422,3 +422,15 @@ def test_a_node_that_lost_its_model_gets_the_full_model_next_round(server_identi
         else:
             assert tags[11] == "" and all(tags[n] for n in NODES[1:]) and not failed
         arrays, _ = s.aggregate_train(rnd, replies)
+
+
+def test_a_downlink_that_inflates_past_a_model_is_refused():
+    import zlib
+
+    from sparsefl.flower.sparse import _apply_delta
+
+    held = _record({"w": np.zeros(10, np.float32)})
+    bomb = ArrayRecord({PAYLOAD_KEY: Array(np.frombuffer(zlib.compress(b"\0" * (8 << 20)),
+                                                         dtype=np.uint8).copy())})
+    with pytest.raises(ValueError, match="inflate"):
+        _apply_delta(held, bomb)

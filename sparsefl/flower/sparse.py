@@ -32,8 +32,9 @@ max(its dtype, float32), so a float64 array whose update is zero comes back bit-
 
 Downlink (`downlink=True`, the default).  The server keeps the model versions its nodes
 hold.  A node whose last train reply said (through the mod) which version it holds gets
-the change since that version: the float32 entries whose bits changed, with their new
-values (exact: no top-k, no rounding), and any other array that changed, whole; or the
+the change since that version: the 32-bit words that changed (float32 values; float64
+and int64 arrays word by word) as their XOR with the old bits, deflated (exact: no
+top-k, no rounding), and any other array that changed, whole; or the
 full arrays when it holds none, holds one no longer kept, or the change would be larger.
 The mod rebuilds the arrays before the app's handler sees them.  A node without the mod
 never says what it holds, so it always gets the full arrays.  Bytes per round, both
@@ -47,6 +48,7 @@ import copy
 import logging
 import math
 import secrets
+import zlib
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -258,17 +260,28 @@ def _worded(a: np.ndarray) -> bool:
     return a.dtype.itemsize % 4 == 0 and a.size > 0
 
 
+def _inflate(data: bytes, held: ArrayRecord) -> bytes:
+    """A downlink payload inflated, refusing more than a model's worth of codec bytes (an
+    exact change is at most every word: 4 bytes of value and 8 of index per word)."""
+    limit = 16 * sum(len(a.data) for a in held.values()) + (1 << 20)
+    d = zlib.decompressobj()
+    out = d.decompress(data, limit)
+    if d.unconsumed_tail or not d.eof:
+        raise ValueError("sparsefl downlink: the change does not inflate to a payload")
+    return out
+
+
 def _apply_delta(held: ArrayRecord, rec: ArrayRecord) -> ArrayRecord:
     """The held arrays with a downlink's changes: whole arrays by name, and the payload's
     chunks over the 32-bit words of the other worded arrays, in order (the values are
-    the new words' bits, carried as float32: exact, NaN patterns included)."""
+    each changed word's XOR with the held one, carried as float32 bits: exact)."""
     names = list(held.keys())
     extra = set(rec.keys()) - {PAYLOAD_KEY} - set(names)
     if extra:
         raise ValueError(f"sparsefl downlink: unknown arrays {sorted(extra)}")
     targets = [n for n in names if n not in rec and _worded(held[n].numpy())]
-    chunks = codec.decode(rec[PAYLOAD_KEY].numpy().tobytes(), nonfinite="allow") \
-        if PAYLOAD_KEY in rec else []
+    chunks = codec.decode(_inflate(rec[PAYLOAD_KEY].numpy().tobytes(), held),
+                          nonfinite="allow") if PAYLOAD_KEY in rec else []
     if len(chunks) != len(targets):
         raise ValueError(f"sparsefl downlink: {len(chunks)} changes for {len(targets)} arrays")
     out, it = {}, iter(chunks)
@@ -282,7 +295,9 @@ def _apply_delta(held: ArrayRecord, rec: ArrayRecord) -> ArrayRecord:
             if c.numel != words.size:
                 raise ValueError(f"sparsefl downlink: '{n}' has {words.size} words, the "
                                  f"change {c.numel}")
-            words[c.indices.numpy()] = c.values.numpy()
+            i = c.indices.numpy()
+            xor = np.ascontiguousarray(c.values.numpy()).view(np.uint32)
+            words.view(np.uint32)[i] ^= xor  # the new bits: old ^ (old ^ new)
             out[n] = Array(a)
         else:
             out[n] = held[n]
@@ -625,7 +640,10 @@ def _delta_record(base: ArrayRecord, cur: ArrayRecord) -> ArrayRecord | None:
     """The downlink change from `base` to `cur` (module docstring), or None when the
     models differ in their arrays or the change is not smaller than the full arrays.
     An array whose itemsize is a multiple of 4 is compared as 32-bit words (a float64
-    or int64 entry that changed costs its changed words); others are sent whole."""
+    or int64 entry that changed costs its changed words); others are sent whole.  A
+    changed word travels as its XOR with the old one -- a small change of a float leaves
+    its sign, exponent and top mantissa bits alone, so the XOR's high bytes are zero --
+    and the payload is deflated (zlib): about a third fewer bytes than the new values."""
     if list(base.keys()) != list(cur.keys()):
         return None
     chunks, whole = [], {}
@@ -638,11 +656,13 @@ def _delta_record(base: ArrayRecord, cur: ArrayRecord) -> ArrayRecord | None:
             cw = ca.reshape(-1).view(np.uint32)
             bw = np.ascontiguousarray(b.numpy()).reshape(-1).view(np.uint32)
             idx = np.flatnonzero(cw != bw)
+            xor = (cw[idx] ^ bw[idx]).view(np.float32)  # new = old ^ xor, bit for bit
             chunks.append(codec.SparseChunk(cw.size, torch.from_numpy(idx),
-                                            torch.from_numpy(cw[idx].view(np.float32))))
+                                            torch.from_numpy(xor)))
         elif c.data != b.data:
             whole[n] = c
-    rec = {PAYLOAD_KEY: _u8(codec.encode(chunks, torch.float32))} if chunks else {}
+    rec = {PAYLOAD_KEY: _u8(zlib.compress(codec.encode(chunks, torch.float32), 6))} \
+        if chunks else {}
     rec.update(whole)
     out = ArrayRecord(rec)
     return out if _nbytes(out) < _nbytes(cur) else None
