@@ -39,7 +39,8 @@ fi
 here=$(pwd -P)
 # where pip installed sparsefl from (run outside the checkout: `import sparsefl` there
 # would find the source tree whether or not it is installed)
-installed=$(cd / && "$VENV/bin/python" -c "import json, importlib.metadata as m
+vpy=$(cd "$VENV" && pwd -P)/bin/python
+installed=$(cd / && "$vpy" -c "import json, importlib.metadata as m
 print(json.loads(m.distribution('sparsefl').read_text('direct_url.json'))['url'])" \
   2>/dev/null || true)
 [ "$installed" = "file://$here" ] && installed=$here
