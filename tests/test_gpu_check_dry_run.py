@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
                          env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     md = (out / "gpu_report.md").read_text()
-    for section in ("## sam,", "## topk,", "## aggregate,", "## One SparsyFed + FedSAM round"):
+    for section in ("## sam,", "## topk,", "## aggregate,", "## codec pack,",
+                    "## One SparsyFed + FedSAM round"):
         assert section in md, section
     assert "kthvalue threshold" in md and "index_add_" in md
     rep = json.loads((out / "gpu_report.json").read_text())

@@ -1,7 +1,8 @@
 """The GPU machine report of scripts/gpu-check.sh: HBM bandwidth measured by a copy, each
 kernel's time, GB/s and share of that bandwidth (CUDA face and Triton face side by side,
 each against its eager anchors: torch.topk and a kthvalue threshold for top-k, index_add_
-for the aggregation, the davda54-style loop for SAM), and one federated round on the GPU
+for the aggregation, the davda54-style loop for SAM, per-tensor .cpu() copies for the
+codec's device-side pack), and one federated round on the GPU
 against the same round on the eager references.
 
     python -m sparsefl.bench.gpu_report --out DIR [--full] [--dry-run]
@@ -28,7 +29,7 @@ import torch
 from sparsefl.bench import round as round_bench
 from sparsefl.bench.report import report
 from sparsefl.bench.sam import sam_workloads
-from sparsefl.bench.sparse import aggregate_workloads, topk_workloads
+from sparsefl.bench.sparse import aggregate_workloads, codec_pack_workloads, topk_workloads
 from sparsefl.bench.timing import measure, measure_interleaved
 
 
@@ -115,7 +116,11 @@ def main(out_dir: str, quick: bool = True, dry_run: bool = False) -> dict[str, A
                            ("topk", lambda b: topk_workloads(device=dev, backend=b,
                                                              shapes=shapes)),
                            ("aggregate", lambda b: aggregate_workloads(
-                               cases=cases, device=dev, backend=b, shapes=shapes))):
+                               cases=cases, device=dev, backend=b, shapes=shapes)),
+                           ("codec pack", lambda b: codec_pack_workloads(
+                               device=dev, shapes=shapes))):
+            if what == "codec pack" and be != backends[0]:
+                continue  # torch ops only: one face
             workloads, n = make(be)
             timed = measure_interleaved({w.name: w.fn for w in workloads}, rounds=rounds,
                                         warmup=2)

@@ -49,6 +49,33 @@ def topk_workloads(seed: int = 0, device: str = "cpu", backend: str | None = Non
     return out, n
 
 
+def codec_pack_workloads(seed: int = 0, device: str = "cpu", density: float = 0.05,
+                         shapes=None) -> tuple[list[Workload], int]:
+    """The device side of encoding an update (sparsefl.fl.wire): a global top-k's kept
+    entries of every tensor gathered into one host copy (indices and float32 value bits
+    in one int64 tensor, `wire._to_host`), against the eager way (each tensor's indices
+    and values copied to the host one by one).  Bytes: the kept entries' index + value
+    reads and the one copy's writes."""
+    from sparsefl.fl import wire
+
+    xs = make_tensors(shapes or resnet18_shapes(), seed, device=device)
+    n = sum(x.numel() for x in xs)
+    masks = ops.topk_mask(xs, density)
+    idxs = [m.reshape(-1).nonzero().flatten() for m in masks]
+    vals = [x.reshape(-1)[i] for x, i in zip(xs, idxs)]
+    k = sum(len(i) for i in idxs)
+
+    def eager():
+        return [(i.cpu(), v.cpu()) for i, v in zip(idxs, vals)]
+
+    out = [copy_workload(n, device),
+           Workload(f"pack {density:.0%} eager (.cpu() per tensor)", eager, None, None),
+           Workload(f"pack {density:.0%} one copy (wire._to_host)",
+                    lambda: wire._to_host(idxs, vals), 12 * k + 16 * k,
+                    f"pack {density:.0%} eager (.cpu() per tensor)")]
+    return out, n
+
+
 def aggregate_workloads(seed: int = 0, cases=((10, 0.05), (100, 0.05), (100, 0.01)),
                         device: str = "cpu", backend: str | None = None, shapes=None
                         ) -> tuple[list[Workload], int]:
