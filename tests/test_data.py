@@ -71,9 +71,11 @@ def test_partition_bad_input():
 def test_shipped_digits_are_scikit_learns():
     sk = pytest.importorskip("sklearn.datasets")
     d = sk.load_digits()
-    with np.load(sources.DIGITS_FILE, allow_pickle=False) as f:
+    ours = data.load("digits")
+    with np.load(sources.DIGITS_FILE, allow_pickle=False) as f:  # a test, not the package
         assert np.array_equal(f["images"], d.images) and f["images"].dtype == np.uint8
         assert np.array_equal(f["target"], d.target)
+    assert len(ours.train_y) + len(ours.test_y) == len(d.target)
 
 
 def test_digits_is_embedded_and_standardised():

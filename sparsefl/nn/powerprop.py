@@ -96,13 +96,16 @@ def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
     """How this batch's activation pruning cuts the layer input x: (k, None), keep the k
     largest |x| (per batch), or (-1, tau) under "first_batch" (conv layers), keep every
     |x| >= tau, tau being the k-th largest magnitude of the round's first batch; (-1,
-    None) when the k largest hold every nonzero (k >= the nonzero count: a post-ReLU input
-    at a high keep fraction): the pruned input is x itself, whichever zeros the top k
-    would keep, so no selection runs (one count instead of a top-k; it was 30% of a
-    per-batch SparsyFed step, its stage-1 cuts falling among ~10^5 tied zeros)."""
+    None) for a conv when the k largest hold every nonzero (k >= the nonzero count: a
+    post-ReLU input at a high keep fraction): the pruned input is x itself, whichever
+    zeros the top k would keep, so no selection runs (one count instead of a top-k: the
+    stage-2/3 shortcuts of a per-batch SparsyFed step cut among ~10^5 tied zeros)."""
     k = keep_count(x.numel(), m.act_density)
     if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
-        if 0 < k < x.numel():
+        # convs only: a chain of Linear layers runs as one C++ op (sparse_chain, the fused
+        # MLP step) that takes k as it is, and the layer-by-layer path must match it bit
+        # for bit
+        if isinstance(m, nn.Conv2d) and 0 < k < x.numel():
             t0 = time.perf_counter()
             every_nonzero = k >= int(torch.count_nonzero(x.detach()))
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
