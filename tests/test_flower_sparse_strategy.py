@@ -126,8 +126,19 @@ def _two_records(m: Message) -> Message:
                                "metrics": m.content["metrics"]}), reply_to=_instr(m))
 
 
+def _garbled_array(m: Message) -> Message:
+    """A dense array whose bytes are not an np.save file (as a broken node might send)."""
+    rec = m.content["arrays"]
+    arrays = {k: rec[k] for k in rec}
+    name = next(k for k in arrays if k != PAYLOAD_KEY)
+    arrays[name] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=b"garbage")
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": m.content["metrics"]}),
+                   reply_to=_instr(m))
+
+
 BAD = {
     "no MetricRecord": _without_metrics,
+    "an array's bytes garbled": _garbled_array,
     "no weight key": lambda m: _with_weight(m, None),
     "weight 0": lambda m: _with_weight(m, 0),
     "weight -5": lambda m: _with_weight(m, -5.0),

@@ -43,7 +43,6 @@ ways: `uplink_bytes`, `downlink_bytes` (the arrays' serialized sizes, as Flower 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -309,6 +308,12 @@ class _Refused(Exception):
     """A reply that cannot be aggregated; the message is the reason."""
 
 
+# What reading a malformed reply raises (an Array's bytes that np.load cannot read, a
+# payload the codec refuses, a record of the wrong type): such a reply is dropped.  Any
+# other exception is a bug of this module and propagates.
+BAD_DATA = (codec.PayloadError, ValueError, TypeError, KeyError, IndexError, EOFError)
+
+
 @dataclass
 class _Update:
     msg: Message
@@ -497,6 +502,8 @@ class SparseStrategy(Strategy):
         usable: list[_Update] = []
         failed: list[Message] = []
         received = 0
+        names = list(sent_rec.keys()) if sent_rec is not None else []
+        sent = {n: a.numpy() for n, a in sent_rec.items()} if sent_rec is not None else {}
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -504,18 +511,16 @@ class SparseStrategy(Strategy):
                 self._holds.pop(node, None)  # it may hold anything now: send it all
                 continue
             self._note_holds(node, msg)
-            with contextlib.suppress(Exception):  # counted where countable; refused below
-                received += sum(_nbytes(r) for r in msg.content.array_records.values())
+            received += sum(_nbytes(r) for r in msg.content.array_records.values())
             try:
                 if sent_rec is None:
                     raise _Refused(f"round {server_round} was not configured by this "
                                    "strategy (configure_train)")
-                names = list(sent_rec.keys())
-                usable.append(self._parse(msg, names, {n: a.numpy() for n, a in
-                                                       sent_rec.items()}))
-            except Exception as e:  # noqa: BLE001 - an untrusted reply, refused whatever broke
-                reason = str(e) if isinstance(e, _Refused) else f"{type(e).__name__}: {e}"
-                dropped.append((node, reason))
+                usable.append(self._parse(msg, names, sent))
+            except _Refused as e:
+                dropped.append((node, str(e)))
+            except BAD_DATA as e:  # malformed data; anything else is a bug and propagates
+                dropped.append((node, f"{type(e).__name__}: {e}"))
         usable = self._consistent(usable, dropped)
         for node, reason in dropped:
             log.warning("round %d: node %d's reply dropped: %s", server_round, node, reason)
@@ -531,8 +536,6 @@ class SparseStrategy(Strategy):
         if not usable:
             arrays, metrics = self.strategy.aggregate_train(server_round, failed)
         else:
-            names = list(sent_rec.keys())
-            sent = {n: a.numpy() for n, a in sent_rec.items()}
             if self.merge:
                 merged = self._merge(usable, names, sent)
                 arrays, metrics = self.strategy.aggregate_train(server_round,
