@@ -67,3 +67,15 @@ def test_the_walker_sees_links_and_anchors(tmp_path):
                   "```\n[no](d.md)\n```\n## Other, part\n")
     assert _links(md) == ["b.md#the-part", "img.png"]
     assert _anchors(md) == {"top-title", "other-part"}
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run calls the README's second command as written (CI checks what a newcomer
+    runs), and then the sanitizer step the README's suite leaves to CI."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("Set up and pass the tests:", 1)[1]
+    command = next(line.strip() for line in after.splitlines() if line.startswith("    "))
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci, command
+    assert any("SPARSEFL_SANITIZERS=1" in line and "test_sanitizers.py" in line
+               for line in ci[ci.index(command):])

@@ -3,7 +3,9 @@
 Builds sparsefl._C again with -fsanitize=address,undefined into a temporary copy of the
 package, then runs the kernel tests that exercise the C++ backend (shapes, dtypes, edge
 cases, bad input) in a subprocess with the sanitizer runtimes preloaded.  Any report
-aborts that process (halt_on_error), which fails this test.  Slow (~3-5 min on 2 cores).
+aborts that process (halt_on_error), which fails this test.  Slow (~4 min on 2 cores):
+CI runs it as its own step after the README's test command (`.ci/run`, which sets
+SPARSEFL_SANITIZERS=1), so the README's suite stays within a newcomer's wait (issue #27).
 """
 
 import os
@@ -27,6 +29,9 @@ def _runtime(name: str) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SPARSEFL_SANITIZERS") != "1",
+                    reason="the sanitizer build is CI's own step: SPARSEFL_SANITIZERS=1 "
+                    "(.ci/run sets it)")
 def test_cpu_kernels_pass_their_tests_under_asan_and_ubsan(tmp_path):
     asan, ubsan = _runtime("libasan.so"), _runtime("libubsan.so")
     if not (asan and ubsan):
@@ -60,8 +65,8 @@ def test_cpu_kernels_pass_their_tests_under_asan_and_ubsan(tmp_path):
                             "tests/test_aggregate_ops.py", "tests/test_aggregate_tiled.py",
                             "tests/test_fused_sgd.py", "tests/test_sparse_conv.py",
                             "tests/test_sparse_compute.py", "-k",
-                            "cpp or native or bad or nan or empty or avx2 or "
-                            "first_batch_layer or layer_sparse_equals_dense"],
+                            "cpp or native or bad or nan or empty or avx2 or isas or kth or "
+                            "threshold_prune or first_batch_layer or layer_sparse_equals_dense"],
                            cwd=src, env=run_env, capture_output=True, text=True)
     assert tests.returncode == 0, (tests.stdout[-3000:], tests.stderr[-3000:])
     assert "runtime error" not in tests.stderr and "AddressSanitizer" not in tests.stderr

@@ -365,6 +365,130 @@ def test_first_batch_threshold_equals_kthvalue(dtype):
                 torch.ops.sparsefl_C.kth_magnitude(x, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["post_relu", "signed", "ties", "clustered", "all_zero"])
+@pytest.mark.parametrize("shape", [(16, 16, 14, 14), (2, 8, 20, 20)])
+def test_kth_magnitude_count_equals_kthvalue_and_counts(dtype, kind, shape):
+    """The per-batch cut (tau, above, at) on inputs large enough for the sampled bracket
+    (n >= 4,096; 512 and 100 runs here): torch's k-th largest |x| and its counts, for keep
+    fractions across (0, 1], at the nonzero count and around it, and where the sample
+    cannot bracket (clustered: a run of large values the sample may miss entirely)."""
+    from sparsefl.nn.powerprop import kth_magnitude_count
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    if kind == "post_relu":
+        x = x.relu()
+    elif kind == "ties":
+        x = (x * 2).round()
+    elif kind == "clustered":
+        x = x.abs() * 1e-3
+        x.view(-1)[1000:1064] = torch.arange(64.0) + 5  # 64 large values in one place
+    elif kind == "all_zero":
+        x = torch.zeros(shape)
+    x = x.to(dtype)
+    a = x.float().abs().reshape(-1)
+    n = a.numel()
+    nnz = int(torch.count_nonzero(a))
+    ks = {1, 2, 7, 64, 65, n // 20, n // 3, n // 2, n - 1, n, max(nnz, 1), min(nnz + 1, n),
+          max(nnz - 1, 1)}
+    for k in sorted(ks):
+        tau = a.kthvalue(n - k + 1).values
+        want = (float(tau), int((a > tau).sum()), int((a == tau).sum()))
+        assert kth_magnitude_count(x, k) == want, (kind, k)
+
+
+@pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
+def test_kth_magnitude_count_on_the_narrower_isas(env):
+    """The AVX2 passes (no compress: lanes extracted) and the portable ones give the same."""
+    run_with_isa_off(env, "import torch, test_sparse_compute as t\n"
+                     "for kind in ('post_relu', 'signed', 'ties', 'clustered', 'all_zero'):\n"
+                     "    t.test_kth_magnitude_count_equals_kthvalue_and_counts(torch.float32,"
+                     " kind, (16, 16, 14, 14))\n"
+                     "t.test_threshold_prune_equals_masked_fill(torch.float32)\nprint('ok')")
+
+
+def test_kth_magnitude_count_when_the_sample_misleads():
+    """White box: zero exactly the entries csrc/cpu/kth_magnitude.cpp samples (its LCG,
+    512 runs of 8), so the bracket says "all zero" while most of x is not; the answer must
+    still be exact (the fallback selects among every key)."""
+    if not _native.has_cpu_kernels():
+        pytest.skip("the C++ kernels are not built")
+    n = 60000
+    x = torch.rand(n) + 0.5
+    gap, rng, m64 = n // 512, 0x9e3779b97f4a7c15, (1 << 64) - 1
+    for r in range(512):
+        rng = (rng * 6364136223846793005 + 1442695040888963407) & m64
+        at = r * gap + (rng >> 33) % (gap - 8 + 1)
+        x[at:at + 8] = 0
+    a = x.abs()
+    for k in (10, n // 3, n - 4096, n - 4096 + 1, n - 1):
+        tau = a.kthvalue(n - k + 1).values
+        want = (float(tau), int((a > tau).sum()), int((a == tau).sum()))
+        assert torch.ops.sparsefl_C.kth_magnitude_count(x, k) == want, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_threshold_prune_equals_masked_fill(dtype):
+    """One pass in C++ = masked_fill(|x| < tau) and its kept count: tau at an
+    entry's exact magnitude (kept), between floats, <= 0 (keep all), inf (keep only inf),
+    subnormal; NaN entries kept as torch keeps them; a non-contiguous and an empty input."""
+    from sparsefl.nn.powerprop import threshold_prune
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 70001, generator=g).relu().to(dtype)  # several parallel parts
+    x.view(-1)[::11] *= -1
+    x.view(-1)[5] = float("inf")
+    x.view(-1)[7] = float("nan")
+    x.view(-1)[9] = 1e-40 if dtype != torch.float16 else 1e-7
+    exact = float(x.view(-1)[123].abs())
+    for tau in (exact, exact + 1e-3, 0.0, -1.0, float("inf"), 1e-41, 0.5):
+        out, kept = threshold_prune(x, tau)
+        # compared exactly (in float64): torch would round tau to fp16/bf16 first; the
+        # packs and this op compare against the real tau (in use tau is a value of x)
+        drop = x.double().abs() < tau
+        want = x.masked_fill(drop, 0)
+        assert kept == x.numel() - int(drop.sum()), tau
+        assert torch.equal(out.isnan(), want.isnan()), tau
+        assert torch.equal(out.nan_to_num(), want.nan_to_num()), tau
+        assert out.dtype == dtype
+    xt = x[:, :1000].t()
+    out, kept = threshold_prune(xt, 0.5)
+    assert torch.equal(out.nan_to_num(), xt.masked_fill(xt.abs() < 0.5, 0).nan_to_num())
+    out, kept = threshold_prune(torch.empty(0, 4, dtype=dtype), 0.5)
+    assert out.shape == (0, 4) and kept == 0
+    if _native.has_cpu_kernels():
+        with pytest.raises(ValueError, match="NaN"):
+            torch.ops.sparsefl_C.threshold_prune(x, float("nan"))
+        with pytest.raises(TypeError, match="not supported"):
+            torch.ops.sparsefl_C.threshold_prune(x.double(), 0.5)
+
+
+def test_kth_magnitude_count_refuses_bad_input():
+    if not _native.has_cpu_kernels():
+        pytest.skip("the C++ kernels are not built")
+    x = torch.randn(40000).relu()
+    for k in (0, x.numel() + 1):
+        with pytest.raises(ValueError, match="outside"):
+            torch.ops.sparsefl_C.kth_magnitude_count(x, k)
+    for at in (3, 39999):  # in the sample's reach or not
+        bad = x.clone()
+        bad[at] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            torch.ops.sparsefl_C.kth_magnitude_count(bad, 100)
+    with pytest.raises(TypeError, match="not supported"):
+        torch.ops.sparsefl_C.kth_magnitude_count(x.double(), 3)
+    # the schemas tell the truth (no hidden mutation or aliasing of x)
+    torch.library.opcheck(torch.ops.sparsefl_C.kth_magnitude_count.default, (x, 100),
+                          test_utils=("test_schema",))
+    torch.library.opcheck(torch.ops.sparsefl_C.threshold_prune.default, (x, 0.5),
+                          test_utils=("test_schema",))
+    # non-contiguous input: the same answer as its contiguous copy
+    y = torch.randn(300, 200).t()
+    assert torch.ops.sparsefl_C.kth_magnitude_count(y, 999) == \
+        torch.ops.sparsefl_C.kth_magnitude_count(y.contiguous(), 999)
+
+
 def test_flash_sparse_layers_need_no_mask_hook(tmp_path, monkeypatch):
     """A FLASH layer computing on the fixed mask gets exactly zero gradient off it, so the
     per-step mask changes nothing: step_hook drops it (layers on the dense path keep it),

@@ -196,8 +196,12 @@ def test_per_batch_cut_among_zeros_keeps_the_input_without_a_selection(mode):
     m.act_density = 0.8
     x = torch.relu(torch.randn(5, 4, 9, 9))  # ~50% zeros: the 80% cut falls among them
     assert act_cut(m, x) == (-1, None) and act_keep(m, x) == int(torch.count_nonzero(x))
-    dense_x = torch.randn(5, 4, 9, 9)  # no zeros: a real top-k
-    assert act_cut(m, dense_x)[0] == dense_x.numel() - round(0.2 * dense_x.numel())
+    dense_x = torch.randn(5, 4, 9, 9)  # no zeros, no ties: the top k are |x| >= tau
+    k = dense_x.numel() - round(0.2 * dense_x.numel())
+    tau = float(dense_x.abs().reshape(-1).kthvalue(dense_x.numel() - k + 1).values)
+    assert act_cut(m, dense_x) == (-1, tau) and act_keep(m, dense_x) == k
+    tied = (dense_x.abs() * 4).ceil()  # no zeros, few values: a tie split at the k-th
+    assert act_cut(m, tied) == (k, None) and act_keep(m, tied) == k
     set_compute(nn.Sequential(m), mode)
     m.train()
     xg = x.clone().requires_grad_(True)

@@ -413,24 +413,9 @@ MagnitudeCut magnitude_cut(const at::Tensor& x, int64_t k) {
   return cut_by_radix(prep, k);
 }
 
-// The k-th largest |x| (1 <= k < numel) as a float, by the same radix selection: SparsyFed's
-// first-batch threshold (sparsefl.nn.powerprop.act_cut).  torch.kthvalue on |x| costs
-// 2-7 ms on a 100-200K-entry layer input, this ~0.1-0.3 ms; the value is the same.
-double kth_magnitude_cpu(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK_VALUE(k >= 1 && k < x.numel(), "sparsefl.kth_magnitude: k = ", k,
-                    " is outside [1, ", x.numel(), ")");
-  const at::Tensor xc = x.contiguous();
-  const auto prep = prepare({xc});
-  const Threshold t = find_threshold(prep.parts, prep.blocks, prep.n, k);  // no tie walk
-  float v;
-  std::memcpy(&v, &t.key, sizeof v);
-  return v;
-}
-
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("topk_mask(Tensor[] xs, int k) -> Tensor[]");
   m.def("topk_compress(Tensor[] xs, Tensor(a!)[] residual, int k) -> (Tensor, Tensor)");
-  m.def("kth_magnitude(Tensor x, int k) -> float", &kth_magnitude_cpu);
 }
 
 TORCH_LIBRARY_IMPL(sparsefl_C, CPU, m) {

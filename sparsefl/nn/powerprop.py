@@ -94,23 +94,28 @@ def act_prune_seconds() -> float:
 
 def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
     """How this batch's activation pruning cuts the layer input x: (k, None), keep the k
-    largest |x| (per batch), or (-1, tau) under "first_batch" (conv layers), keep every
-    |x| >= tau, tau being the k-th largest magnitude of the round's first batch; (-1,
-    None) for a conv when the k largest hold every nonzero (k >= the nonzero count: a
-    post-ReLU input at a high keep fraction): the pruned input is x itself, whichever
-    zeros the top k would keep, so no selection runs (one count instead of a top-k: the
-    stage-2/3 shortcuts of a per-batch SparsyFed step cut among ~10^5 tied zeros)."""
+    largest |x| (per batch, ties to the lower flat index), or (-1, tau), keep every |x| >=
+    tau, or (-1, None), keep every nonzero.
+
+    "first_batch" (conv layers): tau is the k-th largest magnitude of the round's first
+    batch, kept for the round.  "per_batch" conv layers select on every batch, and the
+    selection says which form the cut takes: when the k largest are exactly {|x| >= tau}
+    (no tie at the k-th magnitude left out: continuous values) it is the threshold form,
+    whose pack and kept-tiles paths need no selection of their own; when k reaches every
+    nonzero (a post-ReLU input at a high keep fraction) it is x itself, whichever zeros
+    the top k would keep; only a tie split at the k-th magnitude stays a top-k.  Linear
+    layers stay (k, None): a chain of them runs as one C++ op (the fused MLP step) that
+    takes k as it is, and the layer-by-layer path must match it bit for bit."""
     k = keep_count(x.numel(), m.act_density)
     if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
-        # convs only: a chain of Linear layers runs as one C++ op (sparse_chain, the fused
-        # MLP step) that takes k as it is, and the layer-by-layer path must match it bit
-        # for bit
         if isinstance(m, nn.Conv2d) and 0 < k < x.numel():
             t0 = time.perf_counter()
-            every_nonzero = k >= int(torch.count_nonzero(x.detach()))
+            tau, above, at = kth_magnitude_count(x.detach(), k)
             ACT_PRUNE_SECONDS[0] += time.perf_counter() - t0
-            if every_nonzero:
+            if tau == 0:  # fewer nonzeros than k: all of them are kept
                 return -1, None
+            if above + at == k:
+                return -1, tau
         return k, None
     if m.act_tau is None:
         t0 = time.perf_counter()
@@ -119,17 +124,46 @@ def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
     return -1, m.act_tau
 
 
-def kth_magnitude(x: Tensor, k: int) -> float:
-    """The k-th largest |x| (1 <= k <= numel): radix selection in C++ for CPU float tensors
-    (torch.kthvalue took 2-7 ms on a stage-1 layer input, per layer and client), else
-    kthvalue; the same value either way (tests/test_sparse_compute.py)."""
+def _native_kth(x: Tensor, k: int) -> bool:
     from sparsefl import _native
 
-    if 1 <= k < x.numel() and x.device.type == "cpu" and x.dtype in (
-            torch.float32, torch.float16, torch.bfloat16) and _native.has_kernel(
-            "sparse_conv_forward", "cpu"):
+    return (1 <= k < x.numel() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _native.has_kernel("sparse_conv_forward", "cpu"))
+
+
+def kth_magnitude(x: Tensor, k: int) -> float:
+    """The k-th largest |x| (1 <= k <= numel): a sampled bracket and one vector pass in C++
+    for CPU float tensors (csrc/cpu/kth_magnitude.cpp; torch.kthvalue took 2-7 ms on a
+    stage-1 layer input), else kthvalue; the same value either way
+    (tests/test_sparse_compute.py)."""
+    if _native_kth(x, k):
         return torch.ops.sparsefl_C.kth_magnitude(x, k)
     return float(x.abs().reshape(-1).kthvalue(x.numel() - k + 1).values)
+
+
+def threshold_prune(x: Tensor, tau: float) -> tuple[Tensor, int]:
+    """(x with every |x| < tau zeroed, how many kept): one pass in C++ for CPU float
+    tensors (csrc/cpu/threshold_prune.cpp; torch's abs, compare, count_nonzero and
+    masked_fill took ~0.6 ms on a stage-1 input), else those torch ops."""
+    from sparsefl import _native
+
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _native.has_kernel("sparse_conv_forward", "cpu")):
+        out, kept = torch.ops.sparsefl_C.threshold_prune(x, tau)
+        return out, int(kept)
+    drop = x.abs() < tau
+    return x.masked_fill(drop, 0), x.numel() - int(torch.count_nonzero(drop))
+
+
+def kth_magnitude_count(x: Tensor, k: int) -> tuple[float, int, int]:
+    """(tau, above, at): the k-th largest |x| (1 <= k <= numel), how many |x| exceed it and
+    how many equal it; above + at == k when the k largest are exactly {|x| >= tau}."""
+    if _native_kth(x, k):
+        return tuple(torch.ops.sparsefl_C.kth_magnitude_count(x, k))
+    a = x.abs().reshape(-1)
+    tau = a.kthvalue(a.numel() - k + 1).values
+    return float(tau), int((a > tau).sum()), int((a == tau).sum())
 
 
 def act_keep(m: nn.Module, x: Tensor) -> int:
@@ -152,11 +186,11 @@ def _save_pruned(ctx, x: Tensor, k: int, tau: float | None = None) -> None:
     if tau is None and k == -1:
         ctx.save_for_backward(xd)
     elif tau is not None:
-        drop = xd.abs() < tau
-        if 3 * (xd.numel() - int(torch.count_nonzero(drop))) >= xd.numel():
-            ctx.save_for_backward(xd.masked_fill(drop, 0))
-        else:
-            idx = (~drop).reshape(-1).nonzero().flatten()
+        pruned, kept = threshold_prune(xd, tau)
+        if 3 * kept >= xd.numel():
+            ctx.save_for_backward(pruned)
+        else:  # kept entries are nonzero (|x| >= tau > 0), so nonzero() finds them
+            idx = pruned.reshape(-1).nonzero().flatten()
             ctx.save_for_backward(idx, xd.reshape(-1)[idx])
     else:
         idx, val = torch.ops.sparsefl.topk_compress([xd], [], k, _backend.requested(None))
