@@ -16,20 +16,33 @@ of the last 10% of evaluations, then run every config of its family at that lr f
 seeds (the sweep's run is the first seed's).  Suites whose claims are
 about flatness then run `sparsefl analyze` on each run (Hessian top eigenvalue and
 trace).  The tables (mean ± std over seeds) are printed and written to
-results/<suite>/tables.md.
+results/<suite>/tables.md, and every finished run's summary, analysis, config and metrics
+(gzipped when large; no checkpoints) are copied to docs/results/data/<suite>/<run>/ to be
+committed.  From that archive, without training:
+
+    .venv/bin/python scripts/results.py --tables [--suite S]   # every table and plot
+
+(tests/test_results_tables.py regenerates the archived suites' tables and finds them in
+docs/results.md.)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "docs" / "results" / "data"  # the committed archive of finished runs
+SUITES = ["fmnist", "decentralized", "agnostic", "fmnist-lr", "fmnist-resnet"]
 
 FMNIST = ["fedavg", "fedavg-exp", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99",
           "sparsyfed-90", "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft",
@@ -103,6 +116,49 @@ def _ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _metrics(run_dir: Path) -> list[dict]:
+    """A run's per-round metrics: metrics.jsonl, or the archive's metrics.jsonl.gz."""
+    f = run_dir / "metrics.jsonl"
+    if f.is_file():
+        text = f.read_text()
+    elif (gz := run_dir / "metrics.jsonl.gz").is_file():
+        text = gzip.decompress(gz.read_bytes()).decode()
+    else:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# What a finished run leaves in the committed archive (DATA/<suite>/<run>/): everything the
+# tables and plots read, nothing else (checkpoints stay in results/).  Metrics over this
+# size are gzipped (deterministically: no name or time in the header).
+ARCHIVED = ("summary.json", "analysis.json", "stopped.json", "config.toml")
+GZIP_ABOVE = 64 * 1024
+
+
+def archive(out: Path, suite: str) -> int:
+    """Copy each finished run of results/<suite> into DATA/<suite>; returns the count."""
+    dest_root = DATA / suite
+    n = 0
+    for run in sorted(p for p in out.iterdir() if p.is_dir()):
+        if not ((run / "summary.json").is_file() or (run / "stopped.json").is_file()):
+            continue  # unfinished: the archive holds only what a table may cite
+        dest = dest_root / run.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, dest / name)
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file():
+            data = metrics.read_bytes()
+            if len(data) > GZIP_ABOVE:
+                (dest / "metrics.jsonl.gz").write_bytes(gzip.compress(data, 9, mtime=0))
+                (dest / "metrics.jsonl").unlink(missing_ok=True)
+            else:
+                (dest / "metrics.jsonl").write_bytes(data)
+        n += 1
+    return n
+
+
 def _load(out: Path, name: str, seeds: list[int], what: str = "summary.json") -> list[dict]:
     files = [out / f"{name}-seed{s}" / what for s in seeds]
     return [json.loads(f.read_text()) for f in files if f.is_file()]
@@ -111,11 +167,10 @@ def _load(out: Path, name: str, seeds: list[int], what: str = "summary.json") ->
 def tables_decentralized(out: Path, seeds: list[int]) -> str:
     parts = ["| strategy | seeds | test acc, average model (%) | test acc, mean over agents (%) "
              "| training loss (avg model) | top Hessian eigenvalue (avg model) | "
-             "mean agent top eigenvalue | Hessian trace (avg model) | disagreement |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "mean agent top eigenvalue | Hessian trace (avg model) | disagreement |"
+             + TIME_HEAD.replace("round", "iteration"), "|---" * 11 + "|"]
     for name in DECENTRALIZED:
-        runs = [(json.loads((out / f"{name}-seed{s}" / "metrics.jsonl").read_text()
-                            .splitlines()[-1]),
+        runs = [(_metrics(out / f"{name}-seed{s}")[-1],
                  json.loads(p.read_text()) if (p := out / f"{name}-seed{s}" /
                                                "analysis.json").is_file() else None)
                 for s in seeds if (out / f"{name}-seed{s}" / "summary.json").is_file()]
@@ -133,20 +188,22 @@ def tables_decentralized(out: Path, seeds: list[int]) -> str:
             f"{_ms([a['global']['top_eigenvalue'] for a in an], 1, 2)} | "
             f"{_ms(agents, 1, 2) if agents else '—'} | "
             f"{_ms([a['global']['trace'] for a in an], 1, 1)} | "
-            f"{_ms([r['disagreement'] for r in last], 1, 6)} |")
+            f"{_ms([r['disagreement'] for r in last], 1, 6)} | "
+            f"{_timing(out, [f'{name}-seed{s}' for s in seeds])} |")
     return "\n".join(parts) + "\n"
 
 
 def tables_agnostic(out: Path, seeds: list[int]) -> str:
-    parts = ["| condition | optimizer | seeds | test acc, last 10% of evals (%) | best (%) |",
-             "|---|---|---|---|---|"]
+    parts = ["| condition | optimizer | seeds | test acc, last 10% of evals (%) | best (%) |"
+             + TIME_HEAD, "|---|---|---|---|---|---|---|"]
     for name in AGNOSTIC:
         fs = _load(out, name, seeds)
         opt, cond = name.rsplit("-", 1)
         cond = {"noise40": "40% label noise", "data10": "10% of the data"}[cond]
         parts.append(f"| {cond} | {opt} | {len(fs)} | "
                      f"{_ms([f['acc_tail_mean'] for f in fs])} | "
-                     f"{_ms([f['best_acc'] for f in fs])} |")
+                     f"{_ms([f['best_acc'] for f in fs])} | "
+                     f"{_timing(out, [f'{name}-seed{s}' for s in seeds])} |")
     return "\n".join(parts) + "\n"
 
 
@@ -164,8 +221,8 @@ def tables(out: Path, seeds: list[int]) -> str:
         return _row(out, name, name, seeds)
 
     head = ("| experiment | seeds | accuracy, last 10% of evals (%) | best (%) | "
-            "global sparsity (%) | MB up / round | MB down / round | up: less than dense |\n"
-            "|---|---|---|---|---|---|---|---|")
+            "global sparsity (%) | MB up / round | MB down / round | up: less than dense |"
+            + TIME_HEAD + "\n|---|---|---|---|---|---|---|---|---|---|")
     parts = ["### SAM family and SWA", head]
     parts += [line(n) for n in ("fedavg", "fedsam", "fedasam", "fedasam-swa")]
     swa = [json.loads((out / f"fedasam-swa-seed{s}" / "summary.json").read_text())
@@ -254,16 +311,39 @@ def run_sweep_suite(suite: str, root: Path, out: Path, seeds: list[int], jobs: i
             print(msg, flush=True)
 
 
+def _timing(out: Path, runs: list[str]) -> str:
+    """Two cells: seconds per round (the median over a run's rounds, mean over its seeds)
+    and the training share of the wall time (compute + activation pruning + SAM). Suites
+    run two runs side by side with one thread each, so read them as relative."""
+    meds, shares = [], []
+    for run in runs:
+        ms = [m for m in _metrics(out / run) if "wall" in m and "time" in m]
+        if not ms:
+            continue
+        meds.append(statistics.median(m["wall"] for m in ms))
+        train = sum(sum(m["time"].get(k, 0.0) for k in ("compute", "act_prune", "sam"))
+                    for m in ms)
+        wall = sum(m["wall"] for m in ms)
+        shares.append(train / wall if wall else 0.0)
+    if not meds:
+        return "— | —"
+    return f"{statistics.fmean(meds):.2f} | {100 * statistics.fmean(shares):.0f}%"
+
+
+TIME_HEAD = " s / round (median) | train share of wall |"
+
+
 def _row(out: Path, label: str, run: str, seeds: list[int]) -> str:
     fs = [f for s in seeds if (f := _summary(out, f"{run}-seed{s}")) is not None]
     if not fs:
         return f"| {label} | (not run) |"
+    done = [f"{run}-seed{s}" for s in seeds if _summary(out, f"{run}-seed{s}") is not None]
     up = statistics.fmean(f["bytes_up"] for f in fs) / fs[0]["rounds"] / 1e6
     down = statistics.fmean(f["bytes_down"] for f in fs) / fs[0]["rounds"] / 1e6
     dense = fs[0]["dense_bytes"] / fs[0]["rounds"] / 1e6
     return (f"| {label} | {len(fs)} | {_ms([f['acc_tail_mean'] for f in fs])} | "
             f"{_ms([f['best_acc'] for f in fs])} | {_ms([f['sparsity'] for f in fs])} | "
-            f"{up:.3f} | {down:.3f} | {dense / up:.1f}x |")
+            f"{up:.3f} | {down:.3f} | {dense / up:.1f}x | {_timing(out, done)} |")
 
 
 def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
@@ -289,8 +369,8 @@ def tables_sweep(suite: str, out: Path, seeds: list[int]) -> str:
     if members:
         parts += ["", "### Each method at its best start lr",
                   "| experiment (start lr) | seeds | accuracy, last 10% of evals (%) | best (%) | "
-                  "global sparsity (%) | MB up / round | MB down / round | up: less than dense |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "global sparsity (%) | MB up / round | MB down / round | up: less than dense |"
+                  + TIME_HEAD, "|---|---|---|---|---|---|---|---|---|---|"]
         for m, stem in sorted(members):
             lr = best_lr(out, suite, stem, seeds[0])
             parts.append(_row(out, f"{m} ({lr:g})", f"{m}-lr{lr:g}", seeds) if lr
@@ -315,8 +395,7 @@ def plots_sweep(suite: str, out: Path, seeds: list[int]) -> list[Path]:
         return []
 
     def metrics(run: str) -> list[dict]:
-        f = out / run / "metrics.jsonl"
-        return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+        return _metrics(out / run)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, lr in sorted(members):
@@ -394,45 +473,72 @@ def plots_sweep(suite: str, out: Path, seeds: list[int]) -> list[Path]:
     return paths
 
 
+def suite_tables(suite: str, out: Path, seeds: list[int], plots: Path | None) -> str:
+    """The tables of one suite from the runs under `out` (markdown), and its plots written
+    to `plots` (sweep suites); nothing is trained."""
+    if suite in SWEEPS:
+        text = tables_sweep(suite, out, seeds)
+        if plots is not None:
+            plots.mkdir(parents=True, exist_ok=True)
+            for path in plots_sweep(suite, out, seeds):
+                shutil.move(str(path), plots / path.name)
+                print(f"plot: {plots / path.name}")
+        return text
+    return {"fmnist": tables, "decentralized": tables_decentralized,
+            "agnostic": tables_agnostic}[suite](out, seeds)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--suite", default="fmnist", choices=["fmnist", "decentralized",
-                                                          "agnostic", *SWEEPS])
+    ap.add_argument("--suite", choices=SUITES, help="default fmnist (with --tables: every "
+                    "suite the archive holds)")
     ap.add_argument("--out", help="default results/<suite>")
     ap.add_argument("--only", nargs="*", help="experiment names (default: all)")
-    ap.add_argument("--tables-only", action="store_true")
+    ap.add_argument("--tables-only", action="store_true",
+                    help="tables from results/<suite> (your own runs), no training")
+    ap.add_argument("--tables", action="store_true",
+                    help="tables and plots of docs/results.md from the committed archive "
+                         "(docs/results/data), no training")
     args = ap.parse_args()
-    out = Path(args.out or f"results/{args.suite}")
-    out.mkdir(parents=True, exist_ok=True)
-    cfgs = Path(__file__).resolve().parent.parent / "configs"
-    if args.suite in SWEEPS:
-        root = cfgs / ("fmnist" if args.suite == "fmnist-lr" else args.suite)
-        if not args.tables_only:
-            run_sweep_suite(args.suite, root, out, args.seeds, args.jobs, args.only)
-        text = tables_sweep(args.suite, out, args.seeds)
-        (out / "tables.md").write_text(text)
-        print(text)
-        for path in plots_sweep(args.suite, out, args.seeds):
-            print(f"plot: {path}")
+    if args.tables:
+        suites = [args.suite] if args.suite else [x for x in SUITES if (DATA / x).is_dir()]
+        for suite in suites:
+            if not (DATA / suite).is_dir():
+                print(f"{suite}: no archived runs in {DATA / suite}", file=sys.stderr)
+                return 1
+            print(f"## {suite}\n")
+            print(suite_tables(suite, DATA / suite, args.seeds, ROOT / "docs" / "results"
+                               / suite))
         return 0
-    root = cfgs / args.suite
-    order = {"fmnist": FMNIST, "decentralized": DECENTRALIZED, "agnostic": AGNOSTIC}[args.suite]
-    names = args.only or order
-    if not args.tables_only:
-        jobs = [(root / f"{n}.toml", s) for n in names for s in args.seeds]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for msg in pool.map(lambda j: run_one(j[0], j[1], out), jobs):
-                print(msg, flush=True)
-            dirs = [out / f"{n}-seed{s}" for n in ANALYZE.get(args.suite, [])
-                    for s in args.seeds if n in names]
-            for msg in pool.map(analyze_one, dirs):
-                print(msg, flush=True)
-    text = {"fmnist": tables, "decentralized": tables_decentralized,
-            "agnostic": tables_agnostic}[args.suite](out, args.seeds)
+    suite = args.suite or "fmnist"
+    out = Path(args.out or f"results/{suite}")
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = ROOT / "configs"
+    if suite in SWEEPS:
+        root = cfgs / ("fmnist" if suite == "fmnist-lr" else suite)
+        if not args.tables_only:
+            run_sweep_suite(suite, root, out, args.seeds, args.jobs, args.only)
+    else:
+        root = cfgs / suite
+        order = {"fmnist": FMNIST, "decentralized": DECENTRALIZED, "agnostic": AGNOSTIC}[suite]
+        names = args.only or order
+        if not args.tables_only:
+            jobs = [(root / f"{n}.toml", s) for n in names for s in args.seeds]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                for msg in pool.map(lambda j: run_one(j[0], j[1], out), jobs):
+                    print(msg, flush=True)
+                dirs = [out / f"{n}-seed{s}" for n in ANALYZE.get(suite, [])
+                        for s in args.seeds if n in names]
+                for msg in pool.map(analyze_one, dirs):
+                    print(msg, flush=True)
+    text = suite_tables(suite, out, args.seeds, out)
     (out / "tables.md").write_text(text)
     print(text)
+    if not args.tables_only and args.out is None:
+        print(f"archived {archive(out, suite)} finished runs in {DATA / suite} (commit them: "
+              f"docs/results.md's tables are regenerated from there)")
     return 0
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from sparsefl import data as fldata
-from sparsefl import fl
-from sparsefl.bench import machine
+from sparsefl import fl, machine
 from sparsefl.fl.engine import Simulation
 
 

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from sparsefl import data as fldata
-from sparsefl import fl
-from sparsefl.bench import machine
+from sparsefl import fl, machine
 from sparsefl.bench.report import write_outputs
 from sparsefl.fl.engine import Simulation
 from sparsefl.fl.timers import PHASES

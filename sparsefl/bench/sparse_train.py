@@ -393,7 +393,7 @@ def run(rounds: int = 5, quick: bool = False, out_dir: str | None = None,
     n = 1 << 24
     copy_t = measure(copy_workload(n).fn, rounds=10)
     copy_gbs = 8 * n / copy_t.median_s / 1e9
-    from sparsefl.bench import machine
+    from sparsefl import machine
 
     res = {"threads": torch.get_num_threads(), "copy_gbs": copy_gbs,
            "machine": machine.describe(),

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsefl.machine import describe
 from sparsefl.nn import recompute as saved
 from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
@@ -426,8 +427,6 @@ def machine_id() -> str:
     """What a recorded timing holds for: the CPU model, the ISA the kernels run and the
     thread count (a decision taken at 2 threads on an AVX-512 EPYC says nothing about 16
     threads or an AVX2 Xeon).  The kernels' build is in the file name."""
-    from sparsefl.bench.machine import describe
-
     d = describe()
     return f"{d['cpu']} | {d['isa']} | {torch.get_num_threads()} threads"
 

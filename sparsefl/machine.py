@@ -1,4 +1,5 @@
-"""What CPU a benchmark ran on: model name and the ISA the C++ kernels pick.
+"""What CPU this is: model name and the ISA the C++ kernels pick (benchmarks name it beside
+every table; `auto` keys its recorded layer decisions by it).
 
 Dense torch runs 2-5x slower on AVX2-only VMs than on AVX-512 ones, so every table names
 the ISA beside its numbers.  The choice mirrors csrc/cpu/simd.h's `isa()` (the same CPU
