@@ -4,6 +4,7 @@
     .venv/bin/python scripts/results.py --suite fmnist|decentralized|agnostic [--seeds 0 1]
     .venv/bin/python scripts/results.py --suite fmnist-lr        # lr sweep, MLP
     .venv/bin/python scripts/results.py --suite fmnist-resnet    # sweep, then 2 seeds
+    .venv/bin/python scripts/results.py --suite fmnist-resnet-w16  # the same at width 16
 
 Suites are the folders of configs/.  Runs go to results/<suite>/<experiment>-seed<S>
 (one thread each, `--jobs` at a time); a run that already has summary.json is skipped,
@@ -42,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "results" / "data"  # the committed archive of finished runs
-SUITES = ["fmnist", "decentralized", "agnostic", "fmnist-lr", "fmnist-resnet"]
+SUITES = ["fmnist", "decentralized", "agnostic", "fmnist-lr", "fmnist-resnet",
+          "fmnist-resnet-w16", "fmnist-resnet-w32"]
 
 FMNIST = ["fedavg", "fedavg-exp", "sparsyfed-95", "topk-95", "sparsyfed-99", "topk-99",
           "sparsyfed-90", "topk-90", "fedsam", "fedasam", "fedasam-swa", "fedbabu", "fedavg-ft",
@@ -65,6 +67,13 @@ SWEEPS = {
                       {"fedavg": ["fedavg"], "sparsyfed-95": ["sparsyfed-95", "sparsyfed-90",
                                                               "sparsyfed-99"],
                        "topk-95": ["topk-95", "topk-90", "topk-99"]}),
+}
+# Width suites (issue #27 item 3: does the SparsyFed gap close with width?): configs of
+# configs/fmnist-resnet at another model.width, each at its family's best start lr of the
+# width-8 sweep (docs/results.md), with these seeds.
+WIDTHS = {
+    "fmnist-resnet-w16": (16, {"fedavg": 0.5, "sparsyfed-95": 0.5, "topk-95": 0.05}, [0, 1]),
+    "fmnist-resnet-w32": (32, {"fedavg": 0.5, "sparsyfed-95": 0.5}, [0]),
 }
 ANALYZE = {"fmnist": ["fedavg", "fedsam", "fedasam", "fedasam-swa"],
            "decentralized": DECENTRALIZED}
@@ -473,9 +482,31 @@ def plots_sweep(suite: str, out: Path, seeds: list[int]) -> list[Path]:
     return paths
 
 
+def tables_width(suite: str, out: Path) -> str:
+    width, lrs, seeds = WIDTHS[suite]
+    head = ("| experiment (start lr) | seeds | accuracy, last 10% of evals (%) | best (%) | "
+            "global sparsity (%) | MB up / round | MB down / round | up: less than dense |"
+            + TIME_HEAD + "\n|---|---|---|---|---|---|---|---|---|---|")
+    rows = [_row(out, f"{m} ({lr:g})", f"{m}-lr{lr:g}", seeds) for m, lr in lrs.items()]
+    return f"### ResNet-18 at width {width}\n{head}\n" + "\n".join(rows) + "\n"
+
+
+def run_width_suite(suite: str, jobs: int, out: Path, only: list[str] | None) -> None:
+    width, lrs, seeds = WIDTHS[suite]
+    root = ROOT / "configs" / "fmnist-resnet"
+    todo = [(root / f"{m}.toml", s, lr) for m, lr in lrs.items() if not only or m in only
+            for s in seeds]
+    with ThreadPoolExecutor(jobs) as pool:
+        for msg in pool.map(lambda j: run_one(j[0], j[1], out, j[2], [f"model.width={width}"]),
+                            todo):
+            print(msg, flush=True)
+
+
 def suite_tables(suite: str, out: Path, seeds: list[int], plots: Path | None) -> str:
     """The tables of one suite from the runs under `out` (markdown), and its plots written
     to `plots` (sweep suites); nothing is trained."""
+    if suite in WIDTHS:
+        return tables_width(suite, out)
     if suite in SWEEPS:
         text = tables_sweep(suite, out, seeds)
         if plots is not None:
@@ -516,7 +547,10 @@ def main() -> int:
     out = Path(args.out or f"results/{suite}")
     out.mkdir(parents=True, exist_ok=True)
     cfgs = ROOT / "configs"
-    if suite in SWEEPS:
+    if suite in WIDTHS:
+        if not args.tables_only:
+            run_width_suite(suite, args.jobs, out, args.only)
+    elif suite in SWEEPS:
         root = cfgs / ("fmnist" if suite == "fmnist-lr" else suite)
         if not args.tables_only:
             run_sweep_suite(suite, root, out, args.seeds, args.jobs, args.only)

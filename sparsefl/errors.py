@@ -24,6 +24,12 @@ class RoundError(RuntimeError):
 
 class ClientFault(RuntimeError):
     """A client failing the way clients of a federation fail: an injected failure of a
-    fault model, a node's error reply, a timeout, a malformed reply.  The engine drops
-    that client from the round and goes on; any other exception raised while a client
-    trains in process is a bug and ends the run (with the client id and the round)."""
+    fault model, a node's error reply, a timeout, a malformed reply, a diverged model.
+    The engine drops that client from the round and goes on; any other exception raised
+    while a client trains in process is a bug and ends the run (with the client id and
+    the round)."""
+
+
+class NonFiniteModel(ClientFault):
+    """Local training left NaN or inf in the client's model (it diverged): there is no
+    update to select a top-k from or to send; dropped like a non-finite reply."""

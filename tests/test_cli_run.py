@@ -130,10 +130,14 @@ def test_user_errors_of_run_are_one_line(tmp_path, sets, words):
     assert len(lines) == 1 and lines[0].startswith("sparsefl run: ") and words in lines[0]
 
 
-def test_a_diverged_run_stops_with_one_line_and_exit_3(tmp_path):
+@pytest.mark.parametrize("method", ["none", "topk", "sparsyfed", "flash"])
+def test_a_diverged_run_stops_with_one_line_and_exit_3(tmp_path, method):
+    """Every client's model non-finite: each is dropped as a client fault (a sparsifying
+    method must not take the top-k of NaN weights and end the run as if it were a bug),
+    and the run stops with one line."""
     out = tmp_path / "r"
     proc = _cli("run", *TINY, "--set", "run.rounds=3", "--set", "client.lr=1e30",
-                "--set", "server.max_retries=0", "--set", "sparsity.method=none",
+                "--set", "server.max_retries=0", "--set", f"sparsity.method={method}",
                 "--out", str(out), "--quiet", "--no-plot")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -107,6 +107,39 @@ def test_a_bug_in_a_client_ends_the_run_with_the_client_and_round():
     assert sim.round == 1  # the round did not complete; nothing was aggregated
 
 
+@pytest.mark.parametrize("weights", ["finite", "nan"])
+def test_a_kernel_refusing_nan_is_a_divergence_only_if_the_weights_diverged(monkeypatch,
+                                                                            weights):
+    """A kernel's NaN refusal mid-training drops the client (NonFiniteModel, counted as
+    non-finite) when the client's weights went non-finite; with finite weights the NaN came
+    from elsewhere (the data, a bug) and ends the run."""
+    cfg = fl.load(None, ["data.clients=4", "server.clients_per_round=2", "model.hidden=[8]",
+                         "client.epochs=1", "run.rounds=2", "sparsity.method=topk",
+                         "server.min_clients=1"])
+    sim = engine.Simulation(cfg, DIGITS)
+    hit = []
+
+    def local_train(model, *args, **kw):
+        if not hit:  # the first client of the round only
+            hit.append(1)
+            if weights == "nan":
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+            raise ValueError("sparsefl.sparse_mlp_sgd: input contains NaN")
+        return real(model, *args, **kw)
+
+    real = engine.local_train
+    monkeypatch.setattr(engine, "local_train", local_train)
+    if weights == "finite":
+        with pytest.raises(ValueError, match="NaN") as info:
+            sim.step()
+        assert "a bug ends the run" in "\n".join(getattr(info.value, "__notes__", []))
+    else:
+        row = sim.step()
+        assert row["dropped"]["nonfinite"] == 1 and row["dropped"]["raised"] == 0
+        assert len(row["clients"]) == 1 and sim.round == 1
+
+
 @pytest.mark.slow
 def test_run_killed_five_times_and_resumed_ends_bit_identical(tmp_path):
     # 200 short rounds (the fused MLP step makes one ~10 ms): five kills land mid-run

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from sparsefl import codec, models, ops
 from sparsefl import data as fldata
-from sparsefl.errors import ClientFault, RoundError
+from sparsefl.errors import ClientFault, NonFiniteModel, RoundError
 from sparsefl.fl import checkpoint, sparsifiers, wire
 from sparsefl.fl import config as flconfig
 from sparsefl.fl.client import local_train
@@ -205,12 +205,22 @@ class Simulation:
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
             hook = self.sparsifier.step_hook(self.model)
-            loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
+            try:
+                loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
+            except ValueError as e:  # a kernel refusing NaN input: diverged, or a bug?
+                if "NaN" in str(e) and not all(bool(torch.isfinite(p).all())
+                                               for p in self.model.parameters()):
+                    raise NonFiniteModel(f"client {cid} diverged in round {rnd} (its "
+                                         f"weights went non-finite: {e})") from e
+                raise  # finite weights: the NaN came from elsewhere (the data, a bug)
         finally:
             if self.has_powerprop:  # evaluation and the server see a dense model again
                 set_compute(self.model, "dense")
         with timers("prune"):
             flat = layout.flatten(self.model)
+            if not bool(torch.isfinite(flat).all()):  # diverged: nothing to select or send
+                raise NonFiniteModel(f"client {cid}'s model is non-finite after local "
+                                     f"training in round {rnd}")
             sel = self.sparsifier.select(layout, flat, rnd)
             chunks = wire.chunks_from_flat(layout, flat, sel)
         with timers("encode"):
@@ -251,6 +261,9 @@ class Simulation:
                 elapsed: float = 0.0) -> tuple[ClientUpdate | None, Any, str | None]:
         """Server-side checks of one client's reply: (update, tiled payload, fault)."""
         cfg, layout = self.cfg.server, self.layout
+        if isinstance(up, NonFiniteModel):
+            log.warning("round %d: %s; dropped", rnd, up)
+            return None, None, "nonfinite"
         if isinstance(up, BaseException):
             log.warning("round %d: client %d raised %r; dropped", rnd, cid, up)
             return None, None, "raised"
