@@ -532,6 +532,7 @@ def main() -> int:
     ap.add_argument("--tables", action="store_true",
                     help="tables and plots of docs/results.md from the committed archive "
                          "(docs/results/data), no training")
+    ap.add_argument("--no-plots", action="store_true", help="with --tables: tables only")
     args = ap.parse_args()
     if args.tables:
         suites = [args.suite] if args.suite else [x for x in SUITES if (DATA / x).is_dir()]
@@ -540,8 +541,8 @@ def main() -> int:
                 print(f"{suite}: no archived runs in {DATA / suite}", file=sys.stderr)
                 return 1
             print(f"## {suite}\n")
-            print(suite_tables(suite, DATA / suite, args.seeds, ROOT / "docs" / "results"
-                               / suite))
+            plots = None if args.no_plots else ROOT / "docs" / "results" / suite
+            print(suite_tables(suite, DATA / suite, args.seeds, plots))
         return 0
     suite = args.suite or "fmnist"
     out = Path(args.out or f"results/{suite}")
