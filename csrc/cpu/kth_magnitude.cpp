@@ -49,6 +49,21 @@ struct PassOut {
   uint32_t kmax = 0;  // NaN check
 };
 
+// Step 3 over keys[i0, n) one at a time, on raw float32 bits (the sign masked here): the
+// portable path, and the vector paths' tails.  Candidates in [lo, hi] (lo >= 1) go to cand
+// (room for every key), branch-free: which keys fall inside is data.
+inline void pass_scalar(const uint32_t* bits, int64_t i0, int64_t n, uint32_t lo, uint32_t hi,
+                        uint32_t* cand, PassOut& o) {
+  for (int64_t i = i0; i < n; ++i) {
+    const uint32_t k = bits[i] & 0x7fffffffu;
+    o.kmax = std::max(o.kmax, k);
+    o.gt += k > hi;
+    o.zeros += k == 0;
+    cand[o.w] = k;
+    o.w += (k >= lo) & (k <= hi);
+  }
+}
+
 #if defined(SFL_X86)
 // 16 keys a step; keys are < 2^31, so the signed compares order them.
 SFL_AVX512 void pass_avx512(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi,
@@ -76,14 +91,7 @@ SFL_AVX512 void pass_avx512(const uint32_t* keys, int64_t n, uint32_t lo, uint32
   o.gt += gt;
   o.zeros += zeros;
   o.w = w;
-  for (; i < n; ++i) {  // the tail (keys read raw: mask the sign here too)
-    const uint32_t k = keys[i] & 0x7fffffffu;
-    o.kmax = std::max(o.kmax, k);
-    o.gt += k > hi;
-    o.zeros += k == 0;
-    cand[o.w] = k;
-    o.w += (k >= lo) & (k <= hi);
-  }
+  pass_scalar(keys, i, n, lo, hi, cand, o);  // the tail
 }
 
 // 8 keys a step; no compress in AVX2, but candidates are rare: extract the set lanes.
@@ -118,14 +126,7 @@ SFL_AVX2 void pass_avx2(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t h
   o.gt += gt;
   o.zeros += zeros;
   o.w = w;
-  for (; i < n; ++i) {
-    const uint32_t k = keys[i] & 0x7fffffffu;
-    o.kmax = std::max(o.kmax, k);
-    o.gt += k > hi;
-    o.zeros += k == 0;
-    cand[o.w] = k;
-    o.w += (k >= lo) & (k <= hi);
-  }
+  pass_scalar(keys, i, n, lo, hi, cand, o);  // the tail
 }
 #endif
 
@@ -136,15 +137,7 @@ void pass_any(const uint32_t* bits, int64_t n, uint32_t lo, uint32_t hi, uint32_
   if (isa() == Isa::kAvx512) return pass_avx512(bits, n, lo, hi, cand, o);
   if (isa() == Isa::kAvx2) return pass_avx2(bits, n, lo, hi, cand, o);
 #endif
-  // portable: mask the sign in a copy-free way by one scalar pass
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t k = bits[i] & 0x7fffffffu;
-    o.kmax = std::max(o.kmax, k);
-    o.gt += k > hi;
-    o.zeros += k == 0;
-    cand[o.w] = k;
-    o.w += (k >= lo) & (k <= hi);
-  }
+  pass_scalar(bits, 0, n, lo, hi, cand, o);
 }
 
 struct KthCount {

@@ -12,6 +12,7 @@
 
 #include "dtype.h"
 #include "simd.h"
+#include "topk_select.h"
 
 #include <cmath>
 #include <cstdint>
@@ -53,24 +54,13 @@ int64_t prune_any(const uint32_t* x, uint32_t* o, int64_t n, uint32_t tk) {
   return prune_portable(x, o, n, tk);
 }
 
-// The key of the smallest float >= tau (tau <= 0 keeps everything).
-uint32_t tau_key(double tau) {
-  TORCH_CHECK_VALUE(!std::isnan(tau), "sparsefl.threshold_prune: tau is NaN");
-  if (tau <= 0) return 0;
-  float f = static_cast<float>(tau);
-  if (static_cast<double>(f) < tau) f = std::nextafter(f, INFINITY);
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b & 0x7fffffffu;
-}
-
 std::tuple<at::Tensor, int64_t> threshold_prune_cpu(const at::Tensor& x_in, double tau) {
   const char* op = "sparsefl.threshold_prune";
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), op, ": the tensor must be on CPU");
   const auto st = x_in.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
                    ": dtype ", st, " is not supported (float32, float16, bfloat16)");
-  const uint32_t tk = tau_key(tau);
+  const auto tk = static_cast<uint32_t>(tau_key_of(tau, op));
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
   const int64_t n = x.numel();

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -22,6 +23,17 @@ inline uint32_t magnitude_key(float v) {
   uint32_t b;
   std::memcpy(&b, &v, sizeof b);
   return b & 0x7fffffffu;
+}
+
+// |x| >= tau as magnitude keys (the packs' and threshold_prune's rule): tau <= 0 keeps
+// everything (key >= 0); otherwise the key of the smallest float >= tau, so the compare is
+// exact for any real tau (in use tau is a value of x, exact in float).
+inline int64_t tau_key_of(double tau, const char* op) {
+  TORCH_CHECK_VALUE(!std::isnan(tau), op, ": tau is NaN");
+  if (tau <= 0) return 0;
+  float f = static_cast<float>(tau);
+  if (static_cast<double>(f) < tau) f = std::nextafter(f, INFINITY);
+  return magnitude_key(f);
 }
 
 inline bool kept(const MagnitudeCut& c, float v, int64_t flat) {

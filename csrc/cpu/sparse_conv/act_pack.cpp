@@ -384,16 +384,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_one_pixel(const at::Tensor& 
   return {ptr, q, v};
 }
 
-// |x| >= tau as magnitude keys: tau <= 0 keeps everything (key >= 0); otherwise the key of
-// the float nearest above tau (tau comes from a float tensor: exact in float in practice).
-int64_t tau_key_of(double tau, const char* op) {
-  TORCH_CHECK_VALUE(!std::isnan(tau), op, ": tau is NaN");
-  if (tau <= 0) return 0;
-  float f = static_cast<float>(tau);
-  if (static_cast<double>(f) < tau) f = std::nextafter(f, INFINITY);
-  return magnitude_key(f);
-}
-
 // tau (SparsyFed's first-batch threshold): keep every entry with |x| >= tau instead of
 // the k largest (k must then be -1).  No selection at all: the threshold is known, so it
 // is the one pass that k == -1 makes, with tau's key as its lower bound.

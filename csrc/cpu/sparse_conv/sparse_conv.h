@@ -295,8 +295,6 @@ at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double 
 // The bias as float32 (undefined when absent), checked against the geometry.
 at::Tensor float_bias(const c10::optional<at::Tensor>& bias, const Geom& g, const char* op);
 
-// The threshold tau as the magnitude key the pack compares (the smallest float >= tau).
-int64_t tau_key_of(double tau, const char* op);
 
 // dx from dy in pixel tiles (dyp), phase by phase; dy: its dtype and options.
 at::Tensor input_grad(const at::Tensor& dyp, const at::Tensor& dy, const at::Tensor& omega,
