@@ -205,14 +205,13 @@ class Simulation:
         gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 4, rnd, cid))
         try:
             hook = self.sparsifier.step_hook(self.model)
-            try:
-                loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
-            except ValueError as e:  # a kernel refusing NaN input: diverged, or a bug?
-                if "NaN" in str(e) and not all(bool(torch.isfinite(p).all())
-                                               for p in self.model.parameters()):
-                    raise NonFiniteModel(f"client {cid} diverged in round {rnd} (its "
-                                         f"weights went non-finite: {e})") from e
-                raise  # finite weights: the NaN came from elsewhere (the data, a bug)
+            loss = local_train(self.model, x, y, cfg.client, lr, gen, timers, hook)
+        except ValueError as e:  # a kernel refusing NaN input: diverged, or a bug?
+            if "NaN" in str(e) and not all(bool(torch.isfinite(p).all())
+                                           for p in self.model.parameters()):
+                raise NonFiniteModel(f"client {cid} diverged in round {rnd} (its weights "
+                                     f"went non-finite: {e})") from e
+            raise  # finite weights: the NaN came from elsewhere (the data, a bug)
         finally:
             if self.has_powerprop:  # evaluation and the server see a dense model again
                 set_compute(self.model, "dense")

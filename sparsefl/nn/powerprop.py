@@ -124,12 +124,17 @@ def act_cut(m: nn.Module, x: Tensor) -> tuple[int, float | None]:
     return -1, m.act_tau
 
 
-def _native_kth(x: Tensor, k: int) -> bool:
+def _native_cpu(x: Tensor) -> bool:
+    """The C++ activation kernels take x (a CPU float tensor, the extension built)."""
     from sparsefl import _native
 
-    return (1 <= k < x.numel() and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16,
+                                                   torch.bfloat16)
             and _native.has_kernel("sparse_conv_forward", "cpu"))
+
+
+def _native_kth(x: Tensor, k: int) -> bool:
+    return 1 <= k < x.numel() and _native_cpu(x)
 
 
 def kth_magnitude(x: Tensor, k: int) -> float:
@@ -146,10 +151,7 @@ def threshold_prune(x: Tensor, tau: float) -> tuple[Tensor, int]:
     """(x with every |x| < tau zeroed, how many kept): one pass in C++ for CPU float
     tensors (csrc/cpu/threshold_prune.cpp; torch's abs, compare, count_nonzero and
     masked_fill took ~0.6 ms on a stage-1 input), else those torch ops."""
-    from sparsefl import _native
-
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and _native.has_kernel("sparse_conv_forward", "cpu")):
+    if _native_cpu(x):
         out, kept = torch.ops.sparsefl_C.threshold_prune(x, tau)
         return out, int(kept)
     drop = x.abs() < tau
