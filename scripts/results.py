@@ -343,10 +343,11 @@ TIME_HEAD = " s / round (median) | train share of wall |"
 
 
 def _row(out: Path, label: str, run: str, seeds: list[int]) -> str:
-    fs = [f for s in seeds if (f := _summary(out, f"{run}-seed{s}")) is not None]
-    if not fs:
+    found = [(f"{run}-seed{s}", f) for s in seeds
+             if (f := _summary(out, f"{run}-seed{s}")) is not None]
+    if not found:
         return f"| {label} | (not run) |"
-    done = [f"{run}-seed{s}" for s in seeds if _summary(out, f"{run}-seed{s}") is not None]
+    done, fs = [name for name, _ in found], [f for _, f in found]
     up = statistics.fmean(f["bytes_up"] for f in fs) / fs[0]["rounds"] / 1e6
     down = statistics.fmean(f["bytes_down"] for f in fs) / fs[0]["rounds"] / 1e6
     dense = fs[0]["dense_bytes"] / fs[0]["rounds"] / 1e6
