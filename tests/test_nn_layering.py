@@ -9,7 +9,8 @@ from pathlib import Path
 
 NN = Path(__file__).resolve().parents[1] / "sparsefl" / "nn"
 # bottom first: a module may import only modules before it
-ORDER = ["powerprop", "recompute", "sparsify", "sparse_compute", "fused_sgd", "__init__"]
+ORDER = ["batch_norm_act", "powerprop", "recompute", "sparsify", "sparse_compute", "fused_sgd",
+         "__init__"]
 
 
 def _imports(path: Path) -> set[str]:

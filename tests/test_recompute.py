@@ -1,6 +1,7 @@
 """Recomputed normalization inputs (sparsefl/nn/recompute.py): the sparse path drops the
 outputs of its layers that a BatchNorm would keep, recomputes them in backward, and gets
-bit for bit the gradients it gets when it keeps them."""
+bit for bit the gradients it gets when it keeps them -- through the eager BatchNorm and
+ReLU modules and through the fused op (set_compute switches the ResNet to it)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from torch.nn import functional as F
 
 from sparsefl import _native
 from sparsefl.nn import PowerpropConv2d, set_activation_density, set_compute, sparsify
+from sparsefl.nn import batch_norm_act as bna
 from sparsefl.nn import recompute as rc
+from sparsefl.nn.batch_norm_act import bn_act
 from sparsefl.nn.powerprop import POWERPROP
 
 pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),
@@ -35,7 +38,8 @@ def _step(m, x, y):
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("pruning", [False, True])
-def test_same_gradients_bit_for_bit(backend, pruning):
+@pytest.mark.parametrize("fused", [True, False])
+def test_same_gradients_bit_for_bit(backend, pruning, fused):
     m = pruned_resnet()
     set_activation_density(m, enabled=pruning)
     m2 = copy.deepcopy(m)
@@ -43,6 +47,8 @@ def test_same_gradients_bit_for_bit(backend, pruning):
     set_compute(m, "sparse", backend=backend)
     set_compute(m2, "sparse", backend=backend, recompute=False)
     assert rc.installed(m) and not rc.installed(m2)
+    for mod in (m, m2):  # the fused BatchNorm + ReLU op (set_compute's choice) or the modules
+        assert bna.enable(mod, fused) == 20
     for _ in range(2):  # two steps: running statistics updated once per forward
         a, b = _step(m, x, y), _step(m2, x, y)
         assert torch.equal(a[0], b[0])
@@ -60,9 +66,14 @@ class ConvBN(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-def _conv_output_kept(recompute: bool) -> bool:
+class ConvBNAct(ConvBN):  # the fused BatchNorm + ReLU op (sparsefl/nn/batch_norm_act.py)
+    def forward(self, x):
+        return bn_act(self.bn, self.conv(x))
+
+
+def _conv_output_kept(recompute: bool, model=ConvBN) -> bool:
     torch.manual_seed(0)
-    m = ConvBN()
+    m = model()
     set_compute(m, "sparse", recompute=recompute)
     refs = []
     m.conv.register_forward_hook(lambda mod, a, out: refs.append(weakref.ref(out)))
@@ -74,9 +85,10 @@ def _conv_output_kept(recompute: bool) -> bool:
     return kept
 
 
-def test_conv_output_is_dropped():
-    assert _conv_output_kept(recompute=False)
-    assert not _conv_output_kept(recompute=True)
+@pytest.mark.parametrize("model", [ConvBN, ConvBNAct])
+def test_conv_output_is_dropped(model):
+    assert _conv_output_kept(recompute=False, model=model)
+    assert not _conv_output_kept(recompute=True, model=model)
 
 
 def test_input_modified_in_place_is_refused():

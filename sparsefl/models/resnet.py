@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsefl.nn.batch_norm_act import bn_act
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -25,8 +27,12 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        # bn_act: relu(bn(x) + residual), one native op where set_compute enabled it, else
+        # these same modules (sparsefl/nn/batch_norm_act.py)
+        out = bn_act(self.bn1, self.conv1(x), relu=self.relu1)
+        sc = x if len(self.shortcut) == 0 else \
+            bn_act(self.shortcut[1], self.shortcut[0](x), relu=False)
+        return bn_act(self.bn2, self.conv2(out), residual=sc)
 
 
 class ResNet18(nn.Module):
@@ -43,5 +49,5 @@ class ResNet18(nn.Module):
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        out = self.layers(bn_act(self.bn1, self.conv1(x)))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))

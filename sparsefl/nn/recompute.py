@@ -21,6 +21,9 @@ nn.ReLU modules run their forward under `torch.autograd.graph.saved_tensors_hook
 pack hook swaps a noted tensor for its recipe and whose unpack hook evaluates it.  Recipes
 hold their source weakly until saved, so a noted tensor that nobody saves costs nothing.
 Only modules (not functional calls) take part: the model decides where chains stop.
+The fused BatchNorm + ReLU op (batch_norm_act.py) takes part the same way: its saved
+input becomes the input's recipe and, without a residual, its saved output the recipe
+"bn_act(recipe)", made again with the same kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from sparsefl.nn import batch_norm_act as bna
 
 _REFUSED = ("sparsefl: a tensor that a sparse layer's recompute reads (its input or "
             "weight, or a BatchNorm's weight) was modified in place between forward and "
@@ -198,6 +203,42 @@ def _relu_exit(module: nn.ReLU, args: tuple, output: object) -> None:
         _note(output, recipe)
 
 
+# -- the fused BatchNorm (+ ReLU) op: both saved tensors as recipes --------------------------
+
+class _BatchNormActOut(_Recipe):
+    def __init__(self, bn: _BatchNorm, src: _Recipe, relu: bool) -> None:
+        super().__init__(src, tuple(p for p in (bn.weight, bn.bias) if p is not None))
+        self.bn, self.relu = bn, relu
+
+    def _compute(self, x: Tensor) -> Tensor:
+        return bna.forward_only(self.bn, x, self.relu)
+
+
+def _fused_saving(bn: _BatchNorm, x: Tensor, residual: Tensor | None, relu: bool,
+                  run: Callable[[], Tensor]) -> Tensor:
+    """bn_act's op with recipes for what it saves: x (when x has one) and, without a
+    residual (kept by the eager path too), its output.  The op saves x, its output, and
+    1-D tensors (weight, statistics): the output is the other tensor shaped like x."""
+    src = _recipe_of(x)
+    if src is None:
+        return run()
+    out = _BatchNormActOut(bn, src, relu) if residual is None else None
+    x_id, shape = id(x), x.shape  # not x: autograd keeps this hook, and would keep x
+
+    def pack(t: Tensor) -> object:
+        if id(t) == x_id:
+            return src if src.pin() else t
+        if out is not None and t.shape == shape and t.dim() > 1:
+            return out if out.pin() else t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        y = run()
+    if out is not None and y.requires_grad:
+        _note(y, out)
+    return y
+
+
 _HOOKS = {_BatchNorm: (_bn_enter, _bn_exit), nn.ReLU: (_relu_enter, _relu_exit)}
 
 
@@ -217,6 +258,8 @@ def install(model: nn.Module) -> int:
                     and not _hooked(mod):
                 mod.register_forward_pre_hook(enter)
                 mod.register_forward_hook(leave, always_call=True)
+                if kind is _BatchNorm:
+                    mod.__dict__[bna.SAVING] = _fused_saving
                 n += 1
     return n
 
@@ -232,6 +275,7 @@ def uninstall(model: nn.Module) -> None:
         for k in [k for k, h in mod._forward_hooks.items() if h in leaves]:
             del mod._forward_hooks[k]
             mod._forward_hooks_always_called.pop(k, None)
+        mod.__dict__.pop(bna.SAVING, None)
     _NOTED.clear()
 
 

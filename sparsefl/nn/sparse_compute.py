@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsefl.machine import describe
+from sparsefl.nn import batch_norm_act
 from sparsefl.nn import recompute as saved
 from sparsefl.nn.powerprop import (
     ACT_PRUNE_SECONDS,
@@ -637,6 +638,9 @@ def set_compute(model: nn.Module, mode: str, *, sample: Tensor | None = None,
             m._recompute = True
         if chosen:
             saved.install(model)
+    # BatchNorm (+ add) + ReLU as one native op: sparse compute only (a dense model stays
+    # plain torch); with recompute its saved tensors are recipes too (recompute.py)
+    batch_norm_act.enable(model, mode != "dense")
     return choice
 
 

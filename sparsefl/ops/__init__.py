@@ -8,6 +8,7 @@ All ops are also registered as torch.ops.sparsefl.*.
 
 from sparsefl.ops._backend import BACKENDS
 from sparsefl.ops.aggregate import SparseAccumulator, sparse_aggregate
+from sparsefl.ops.batch_norm_act import batch_norm_act, batch_norm_act_backward
 from sparsefl.ops.sam import sam_perturb, sam_perturb_, sam_restore_, two_dir_perturb
 from sparsefl.ops.sparse_conv import (
     ActPack,
@@ -22,6 +23,7 @@ from sparsefl.ops.tiled import TILE, TiledPayload, tile_payload
 from sparsefl.ops.topk import TopKCompressor, keep_count, topk_compress, topk_mask
 
 __all__ = [
+    "batch_norm_act", "batch_norm_act_backward",
     "ActPack", "Support", "pack_support", "sparse_act_pack", "sparse_conv_backward",
     "sparse_conv_forward", "sparse_mlp_sgd",
     "BACKENDS", "TopKCompressor", "keep_count", "sam_perturb", "sam_perturb_", "sam_restore_",
