@@ -2,7 +2,8 @@
 width-16 client step (batch 16, 28x28 input): the fused op (sparsefl/nn/batch_norm_act.py,
 csrc/cpu/batch_norm_act.cpp) against the eager modules a user would run.
 
-    pytest bench/bench_batch_norm_act.py --benchmark-json=bna.json && python bench/report.py bna.json
+    pytest bench/bench_batch_norm_act.py --benchmark-json=bna.json
+    python bench/report.py bna.json
 
 bytes_moved: the fused op's traffic (forward reads x [+ r], writes y; backward reads dy,
 x, y, writes dx [+ dr]), for GB/s against the copy bandwidth.

@@ -289,6 +289,30 @@ def test_auto_decisions_are_kept_for_the_machine(tmp_path, monkeypatch):
         assert timed and isinstance(json.loads(cache.read_text()), dict)
 
 
+def test_auto_records_of_another_kernel_build_are_not_used(tmp_path, monkeypatch):
+    """One $SPARSEFL_AUTO_CACHE file serves every build: a record taken with other
+    kernels (rebuilt since) is timed afresh, not trusted."""
+    from sparsefl.nn import sparse_compute as spc
+
+    cache = tmp_path / "auto.json"
+    monkeypatch.setenv("SPARSEFL_AUTO_CACHE", str(cache))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    sample = torch.randn(8, 3, 16, 16)
+    m = pruned_resnet(0.05)
+    set_activation_density(m)
+    set_compute(m, "auto", sample=sample)
+    mine = f"| build {spc._build_id()} |"
+    table = json.loads(cache.read_text())
+    assert table and all(mine in k for k in table)
+    cache.write_text(json.dumps({k.replace(mine, "| build 0123456789ab |"): v
+                                 for k, v in table.items()}))
+    monkeypatch.setattr(spc, "_AUTO_CACHE", {})
+    timed = []
+    monkeypatch.setattr(spc, "_calibrate", lambda *a: timed.append(a) or (1.0, 1.0))
+    set_compute(m, "auto", sample=sample)
+    assert len(timed) == len(table)
+
+
 def test_the_suite_never_writes_the_users_auto_cache():
     """conftest points "auto" at a temporary file for the whole session (subprocesses
     inherit it): no test run records timings in ~/.cache/sparsefl."""

@@ -359,18 +359,14 @@ def _calibrate(m: nn.Module, x_shape: tuple[int, ...], reps: int = 5) -> tuple[f
 def auto_cache_path() -> Path | None:
     """Where "auto" keeps its decisions for this build of the kernels: $SPARSEFL_AUTO_CACHE,
     else ~/.cache/sparsefl/compute-auto-<build>.json (None: no extension, nothing to
-    decide).  Each record is keyed by the layer case and `machine_id()`."""
+    decide).  Each record is keyed by the layer case and `machine_id()` (which names the
+    build too)."""
     env = os.environ.get("SPARSEFL_AUTO_CACHE")
     if env:
         return Path(env)
-    from sparsefl import _native
-
-    if _native.LOAD_ERROR is not None:
+    build = _build_id()  # a rebuilt extension decides afresh
+    if build == "none":
         return None
-    import sparsefl._C as ext
-
-    st = os.stat(ext.__file__)  # a rebuilt extension decides afresh
-    build = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "sparsefl" / f"compute-auto-{build}.json"
 
 
@@ -425,11 +421,32 @@ def _decide(m: nn.Module, x_shape: tuple[int, ...]) -> str:
 
 
 def machine_id() -> str:
-    """What a recorded timing holds for: the CPU model, the ISA the kernels run and the
-    thread count (a decision taken at 2 threads on an AVX-512 EPYC says nothing about 16
-    threads or an AVX2 Xeon).  The kernels' build is in the file name."""
+    """What a recorded timing holds for: the CPU model, the ISA the kernels run, the
+    kernels' build and the thread count (a decision taken at 2 threads on an AVX-512 EPYC
+    says nothing about 16 threads or an AVX2 Xeon, nor about kernels rebuilt since: the
+    build is in the default file's name too, but $SPARSEFL_AUTO_CACHE is one file for
+    every build)."""
     d = describe()
-    return f"{d['cpu']} | {d['isa']} | {torch.get_num_threads()} threads"
+    return f"{d['cpu']} | {d['isa']} | build {_build_id()} | {torch.get_num_threads()} threads"
+
+
+_BUILD: list[str] = []
+
+
+def _build_id() -> str:
+    """The loaded extension's identity (size and mtime of sparsefl._C), "none" without."""
+    if not _BUILD:
+        from sparsefl import _native
+
+        if _native.LOAD_ERROR is not None:
+            _BUILD.append("none")
+        else:
+            import sparsefl._C as ext
+
+            st = os.stat(ext.__file__)
+            _BUILD.append(hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+                          .hexdigest()[:12])
+    return _BUILD[0]
 
 
 def _entry(key: tuple) -> str:
