@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import pruned_resnet
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn import functional as F
 
 from sparsefl import _native
@@ -89,6 +90,50 @@ def _conv_output_kept(recompute: bool, model=ConvBN) -> bool:
 def test_conv_output_is_dropped(model):
     assert _conv_output_kept(recompute=False, model=model)
     assert not _conv_output_kept(recompute=True, model=model)
+
+
+class TwoBlocks(nn.Module):  # conv -> bn_act -> conv -> bn_act, activation pruning on
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBNAct(), ConvBNAct()
+        self.b.conv = PowerpropConv2d(8, 8, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _fused_output_kept(recompute: bool) -> bool:
+    """Whether the first fused op's output (BatchNorm + ReLU of a sparse conv) stays in
+    memory after forward: its saved copy is a recipe under recompute."""
+    torch.manual_seed(0)
+    m = sparsify(TwoBlocks(), 1.25)
+    set_activation_density(m)
+    set_compute(m, "sparse", recompute=recompute)
+    refs = []  # of the storage: autograd keeps a saved output as another tensor object
+    m.b.conv.register_forward_pre_hook(
+        lambda mod, a: refs.append(StorageWeakRef(a[0].untyped_storage())))
+    x = torch.randn(2, 4, 6, 6)
+    out = m(x)
+    gc.collect()
+    kept = not refs[0].expired()
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    return kept
+
+
+def test_fused_output_is_dropped_and_gradients_unchanged():
+    assert _fused_output_kept(recompute=False)
+    assert not _fused_output_kept(recompute=True)
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = sparsify(TwoBlocks(), 1.25)
+        set_activation_density(m)
+        set_compute(m, "sparse", recompute=recompute)
+        torch.manual_seed(1)
+        m(torch.randn(4, 4, 6, 6)).square().sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_input_modified_in_place_is_refused():

@@ -3,7 +3,8 @@
 //
 //     y = act(BN(x) + r),   BN(x) = (x - mean_c) * invstd_c * w_c + b_c,
 //
-// forward and backward, one op each (sparsefl/nn/batch_norm_act.py wraps them in autograd).
+// forward and backward, one op each, and the two as one C++ autograd op,
+// batch_norm_act_layer (what sparsefl/nn/batch_norm_act.py calls in training).
 //
 // Why: at the sizes FL clients train (ResNet-18, width 8-16, batch 16) eager torch pays
 // ~0.4 ms for one BatchNorm forward of a 200K-entry tensor and ~1.1 ms for BN + ReLU
