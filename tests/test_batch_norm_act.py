@@ -18,10 +18,9 @@ from conftest import run_with_isa_off
 from torch import nn
 from torch.nn import functional as F
 
-from sparsefl import _native
+from sparsefl import _native, ops
 from sparsefl.models.resnet import ResNet18
 from sparsefl.nn import batch_norm_act as bna
-from sparsefl.ops import batch_norm_act as ops
 from sparsefl.ops.reference import batch_norm_act as ref
 
 needs_cpp = pytest.mark.skipif(not _native.has_kernel("batch_norm_act", "cpu"),
