@@ -5,8 +5,9 @@
 At the sizes FL clients train (ResNet-18 width 8-16, batch 16) eager torch pays ~1 ms
 for one BatchNorm + ReLU forward and backward of a 200K-entry tensor (~40x a memory pass;
 15-26% of a sparse step); csrc/cpu/batch_norm_act.cpp does it in five passes over
-cache-resident channels.  The reference is the eager composition itself (`eager` below):
-same batch statistics, same running-stat update, gradients to fp32 rounding (tested).
+cache-resident channels.  Its definition is sparsefl/ops/reference/batch_norm_act.py,
+which equals the eager composition (`eager` below, what a dense model runs): the same
+batch statistics and running-stat update, gradients to fp32 rounding (tested).
 
 Models call `bn_act(bn, x, residual, relu)`; it takes the native op only where the
 BatchNorm was switched on with `enable(model)` (set_compute does, for sparse compute) and
@@ -17,6 +18,8 @@ same kernel, so recomputing changes memory, not a bit of the result.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -52,21 +55,17 @@ def enabled(bn: nn.Module) -> bool:
 
 def _native_ok(bn: _BatchNorm, x: Tensor, residual: Tensor | None) -> bool:
     return (bn.__dict__.get(_FLAG, False) and bn.training and x.device.type == "cpu"
-            and x.dtype in _DTYPES and x.dim() >= 2 and x.numel() > 0
+            and x.dtype in _DTYPES and x.dim() >= 2
             and x.numel() > x.shape[1]  # >1 value per channel: else torch's own error
             and (residual is None or (residual.shape == x.shape
                                       and residual.dtype == x.dtype))
             and _have_op())
 
 
-_HAVE: list[bool] = []
-
-
+@functools.cache
 def _have_op() -> bool:
-    if not _HAVE:  # once: the extension loaded and has this op (not an older build)
-        _HAVE.append(_native.LOAD_ERROR is None
-                     and hasattr(torch.ops.sparsefl_C, "batch_norm_act_layer"))
-    return _HAVE[0]
+    """The extension loaded and has this op (not an older build)."""
+    return _native.LOAD_ERROR is None and hasattr(torch.ops.sparsefl_C, "batch_norm_act_layer")
 
 
 def eager(bn: nn.Module, x: Tensor, residual: Tensor | None = None,

@@ -29,6 +29,7 @@ calibrated).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -430,23 +431,17 @@ def machine_id() -> str:
     return f"{d['cpu']} | {d['isa']} | build {_build_id()} | {torch.get_num_threads()} threads"
 
 
-_BUILD: list[str] = []
-
-
+@functools.cache
 def _build_id() -> str:
     """The loaded extension's identity (size and mtime of sparsefl._C), "none" without."""
-    if not _BUILD:
-        from sparsefl import _native
+    from sparsefl import _native
 
-        if _native.LOAD_ERROR is not None:
-            _BUILD.append("none")
-        else:
-            import sparsefl._C as ext
+    if _native.LOAD_ERROR is not None:
+        return "none"
+    import sparsefl._C as ext
 
-            st = os.stat(ext.__file__)
-            _BUILD.append(hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-                          .hexdigest()[:12])
-    return _BUILD[0]
+    st = os.stat(ext.__file__)
+    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def _entry(key: tuple) -> str:
