@@ -138,7 +138,7 @@ SFL_INLINE void each(const Geometry& g, int64_t c, Step&& step) {
 // -- one channel, forward and backward (V: the ISA's vector) -------------------------------
 
 struct FwdOut {
-  float mean, var;
+  float mean, var, invstd;  // invstd: the one the forward scaled by, saved for backward
 };
 
 template <typename V, typename T>
@@ -177,7 +177,7 @@ SFL_INLINE FwdOut channel_forward(const Geometry& g, int64_t c, const T* x, cons
       st<U>(y + p, ld<U>(x + p) * scale + shift);
     });
   }
-  return {mean, static_cast<float>(var)};
+  return {mean, static_cast<float>(var), invstd};
 }
 
 struct BwdOut {
@@ -350,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
         const FwdOut o = forward_any(g, c, xp, rp, yp, w[c], b[c], eps, relu);
         mp[c] = o.mean;
         vp[c] = o.var;
-        ip[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(o.var) + eps));
+        ip[c] = o.invstd;
       }
     });
   });
