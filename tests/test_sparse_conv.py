@@ -36,6 +36,7 @@ SHAPES = [
     (2100, 40, 3, 1, 1, 1, 1, 0),    # Linear past the small-input pack (84,000 inputs)
     (3, 4, 5, 11, 10, 5, 3, 2),      # 5x5, stride 3: nine phases
     (16, 4, 8, 32, 32, 3, 2, 1),     # ResNet's strided 3x3 at 32: dx merged 8 columns at a time
+    (3, 5, 7, 13, 29, 3, 1, 1),      # 29-wide rows: runs of 8, 7, 7, 7 pixels
 ]
 DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

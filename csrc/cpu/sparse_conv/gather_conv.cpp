@@ -63,35 +63,56 @@ SFL_INLINE void conv_run_any(const float* tile, const int64_t* boff, int64_t sx,
   else conv_run<V, R>(tile, boff, off, val, j0, j1, b, buf);
 }
 
-template <typename V>
-SFL_INLINE void conv_run_tail(const float* tile, const int64_t* boff, const int64_t* off,
-                              const float* val, int64_t j0, int64_t j1, float b, float* buf,
-                              int n) {
-  constexpr int NV = L / (sizeof(V) / sizeof(float));
-  constexpr int VL = L / NV;
-  for (int r = 0; r < n; ++r) {
-    V acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = vbroadcast<V>(b);
-    for (int64_t j = j0; j < j1; ++j) {
-      const V w = vbroadcast<V>(val[j]);
-      for (int v = 0; v < NV; ++v) acc[v] += w * vload<V>(tile + off[j] + boff[r] + v * VL);
+// A run of n <= R pixels with n accumulators (n known at run time, one instantiation per
+// length): a run shorter than R still keeps n independent FMA chains in flight.
+template <typename V, int R>
+SFL_INLINE void conv_run_n(int n, const float* tile, const int64_t* boff, int64_t sx,
+                           const int64_t* off, const float* val, int64_t j0, int64_t j1,
+                           float b, float* buf) {
+  if constexpr (R > 1) {
+    if (n < R) {
+      conv_run_n<V, R - 1>(n, tile, boff, sx, off, val, j0, j1, b, buf);
+      return;
     }
-    for (int v = 0; v < NV; ++v) vstore(buf + r * L + v * VL, acc[v]);
   }
+  conv_run_any<V, R>(tile, boff, sx, off, val, j0, j1, b, buf);
+}
+
+// The first n (< 8) floats of v to p, in 4 + 2 + 1 pieces straight from the register.
+SFL_INLINE void store_first(float* p, v8 v, int n) {
+  typedef float v2 __attribute__((vector_size(8)));
+  if (n & 4) {
+    vstore(p, __builtin_shufflevector(v, v, 0, 1, 2, 3));
+    v = __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7);
+    p += 4;
+  }
+  if (n & 2) {
+    const v2 t = __builtin_shufflevector(v, v, 0, 1);
+    std::memcpy(p, &t, sizeof(t));
+    v = __builtin_shufflevector(v, v, 2, 3, 2, 3, 2, 3, 2, 3);
+    p += 2;
+  }
+  if (n & 1) *p = v[0];
 }
 
 // buf[r][lane] (n pixels x 16 lanes) -> out[lane * img + opix[r]], lanes < `lanes`.
+// contiguous: opix[r] = opix[0] + r (a run inside one row at unit output step); then, in
+// float, 8 pixels x 8 lanes at a time are transposed in registers and stored as rows.
 template <int R, typename T>
 SFL_INLINE void write_pixels(const float* buf, int n, int64_t lanes, T* out, int64_t img,
                              const int64_t* opix, bool contiguous) {
   if constexpr (std::is_same_v<T, float> && R >= 8) {
-    if (n == 8 && contiguous) {
+    if (contiguous) {
       for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
         v8 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = vload<v8>(buf + i * L + l0);
-        transpose8(r);  // r[i] = lane l0 + i over the 8 pixels
+        for (int i = 0; i < 8; ++i) r[i] = vload<v8>(buf + std::min(i, n - 1) * L + l0);
+        transpose8(r);  // r[i] = lane l0 + i over the run's pixels
         const int64_t nl = std::min<int64_t>(8, lanes - l0);
-        for (int64_t i = 0; i < nl; ++i) vstore(out + (l0 + i) * img + opix[0], r[i]);
+        float* o = out + l0 * img + opix[0];
+        if (n == 8)
+          for (int64_t i = 0; i < nl; ++i) vstore(o + i * img, r[i]);
+        else
+          for (int64_t i = 0; i < nl; ++i) store_first(o + i * img, r[i], n);
       }
       return;
     }
@@ -111,17 +132,33 @@ SFL_INLINE TaskSpan task_span(const ConvArgs& a, int64_t t) {
   return {nt, p0, std::min(a.GH * a.GW, p0 + a.rows_per_task * a.GW), std::min(L, a.N - nt * L)};
 }
 
+// A task's runs: each grid row is cut into runs of R pixels and one shorter run for the
+// rest (at R = 8: 28 -> 8, 8, 8, 4; 14 -> 8, 6).  A run stays inside one row, so its loads
+// are one address plus fixed displacements and its output pixels are consecutive; the short
+// run keeps one accumulator per pixel (one dependent FMA chain for the tail cost a fifth of
+// the convolution of a 28-wide layer).  Runs of R and R/2 are also the cheapest to store.
+struct Run {
+  int64_t q;  // first grid pixel, relative to the task's p0
+  int n;      // pixels
+};
+template <int R>
+SFL_INLINE void task_runs(int64_t GW, int64_t pixels, std::vector<Run>& runs) {
+  runs.clear();
+  for (int64_t row = 0; row < pixels; row += GW)
+    for (int64_t q = 0; q < GW; q += R)
+      runs.push_back({row + q, static_cast<int>(std::min<int64_t>(R, GW - q))});
+}
+
 template <typename V, int R, typename T>
 SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
   alignas(64) float buf[R * L];
   T* out = static_cast<T*>(a.out);
   const int64_t plane = a.OH * a.OW, img = a.Cout * plane;
-  // Runs of R grid pixels land on R consecutive output pixels when the grid is the whole
-  // output plane at unit steps.
-  const bool dense_out = a.osy == 1 && a.osx == 1 && a.GW == a.OW && a.ox0 == 0;
+  const bool contiguous = a.osx == 1;  // a run's output pixels are consecutive
   // The task's pixel offsets, worked out once for all output channels (a small layer has
   // many channels and few pixels: per channel this index arithmetic cost more than the FMAs).
   std::vector<int64_t> boffs, opixs;
+  std::vector<Run> runs;
   for (int64_t t = lo; t < hi; ++t) {
     const auto [nt, p0, p1, lanes] = task_span(a, t);
     const float* tile = a.in + nt * a.in_tile;
@@ -133,17 +170,15 @@ SFL_INLINE void conv_tasks(const ConvArgs& a, int64_t lo, int64_t hi) {
       boffs[q - p0] = (a.iy0 + u * a.sy) * a.in_row + (a.ix0 + v * a.sx) * L;
       opixs[q - p0] = (a.oy0 + u * a.osy) * a.OW + a.ox0 + v * a.osx;
     }
-    for (int64_t co = 0; co < a.Cout; ++co) {
-      const int64_t j0 = a.ptr[co], j1 = a.ptr[co + 1];
-      const float b = a.bias ? a.bias[co] : 0.0f;
-      T* oc = o + co * plane;
-      for (int64_t p = p0; p < p1; p += R) {
-        const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));
-        const int64_t* boff = boffs.data() + (p - p0);
-        const int64_t* opix = opixs.data() + (p - p0);
-        if (n == R) conv_run_any<V, R>(tile, boff, a.sx, a.off, a.val, j0, j1, b, buf);
-        else conv_run_tail<V>(tile, boff, a.off, a.val, j0, j1, b, buf, n);
-        write_pixels<R, T>(buf, n, lanes, oc, img, opix, dense_out);
+    task_runs<R>(a.GW, p1 - p0, runs);
+    for (const Run& run : runs) {
+      const int64_t* boff = boffs.data() + run.q;
+      for (int64_t co = 0; co < a.Cout; ++co) {
+        const float b = a.bias ? a.bias[co] : 0.0f;
+        conv_run_n<V, R>(run.n, tile, boff, a.sx, a.off, a.val, a.ptr[co], a.ptr[co + 1], b,
+                         buf);
+        write_pixels<R, T>(buf, run.n, lanes, o + co * plane, img, opixs.data() + run.q,
+                           contiguous);
       }
     }
   }
@@ -182,17 +217,10 @@ SFL_INLINE void conv_tasks_pair(const ConvArgs& e, const ConvArgs& o, int64_t lo
       for (int64_t p = p0; p < p1; p += R) {
         const int n = static_cast<int>(std::min<int64_t>(R, p1 - p));  // 4 or 8
         const int64_t k = p - p0;
-        if (n == R) {
-          conv_run_any<V, R>(tile, boe.data() + k, e.sx, e.off, e.val, e.ptr[co], e.ptr[co + 1],
-                             0.f, be);
-          conv_run_any<V, R>(tile, boo.data() + k, o.sx, o.off, o.val, o.ptr[co], o.ptr[co + 1],
-                             0.f, bo);
-        } else {
-          conv_run_tail<V>(tile, boe.data() + k, e.off, e.val, e.ptr[co], e.ptr[co + 1], 0.f,
-                           be, n);
-          conv_run_tail<V>(tile, boo.data() + k, o.off, o.val, o.ptr[co], o.ptr[co + 1], 0.f,
-                           bo, n);
-        }
+        conv_run_n<V, R>(n, tile, boe.data() + k, e.sx, e.off, e.val, e.ptr[co],
+                         e.ptr[co + 1], 0.f, be);
+        conv_run_n<V, R>(n, tile, boo.data() + k, o.sx, o.off, o.val, o.ptr[co],
+                         o.ptr[co + 1], 0.f, bo);
         for (int g = 0; g < n; g += 4)
           for (int64_t l0 = 0; l0 < lanes; l0 += 8) {
             v8 r[8];

@@ -251,9 +251,8 @@ int64_t to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float
 // ---------------------------------------------------------------------------------------
 // A task is (batch tile, block of grid rows) and runs every output channel over it: the
 // input rows the block reads (KH + (rows - 1) * stride rows of every input channel) stay in
-// L2 while all output channels reuse them.  Inside, grid pixels are taken R at a time in
-// row-major order (a run may span rows when the grid is narrow); boff[r] is pixel r's
-// offset from the tile base.  Grid pixel (u, v) reads input pixel (iy0 + u*sy, ix0 + v*sx)
+// L2 while all output channels reuse them.  Inside, each grid row is cut into runs of at
+// most R pixels of nearly equal length; boff[r] is pixel r's offset from the tile base.  Grid pixel (u, v) reads input pixel (iy0 + u*sy, ix0 + v*sx)
 // (plus each tap's offset) and writes output pixel (oy0 + u*osy, ox0 + v*osx).
 
 struct ConvArgs {
