@@ -312,3 +312,41 @@ def test_auto_decides_for_the_chain(tmp_path, monkeypatch):
     set_compute(m, "auto", sample=sample, fused=True)
     assert all(mod.compute in ("sparse", "dense") for mod in _layers(m))
     assert [v for k, v in spc._AUTO_CACHE.items() if k[0] == "fused"] == ["dense"]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_torch_sgd_is_fused_and_equals_the_python_loop(momentum, monkeypatch):
+    """Without momentum the step loop builds torch's fused SGD (one kernel for every
+    parameter): bit for bit the update of the per-parameter Python loop (foreach=False)
+    it replaced.  With momentum (where the fused kernel's buffer update differs by an
+    ulp) the loop itself."""
+    built = []
+    real = torch.optim.SGD
+
+    def spy(params, **kw):
+        built.append(kw.get("fused"))
+        return real(params, **kw)
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(64, 5))
+    ref = copy.deepcopy(m)
+    x, y = _data()
+    cfg = _cfg(epochs=2, batch_size=8, momentum=momentum, weight_decay=1e-3, fused=False)
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    local_train(m, x, y, cfg, 0.1, torch.Generator().manual_seed(3))
+    assert built == [True if momentum == 0 else None]
+    # the same batches (local_train's order), the loop optimizer
+    from sparsefl.fl.client import _batches
+
+    opt = real(list(ref.parameters()), lr=0.1, momentum=momentum, weight_decay=1e-3,
+               foreach=False)
+    gen = torch.Generator().manual_seed(3)
+    ref.train()
+    for _ in range(2):
+        for b in _batches(len(y), 8, gen):
+            nn.functional.cross_entropy(ref(x[b]), y[b]).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

@@ -37,6 +37,8 @@ SHAPES = [
     (3, 4, 5, 11, 10, 5, 3, 2),      # 5x5, stride 3: nine phases
     (16, 4, 8, 32, 32, 3, 2, 1),     # ResNet's strided 3x3 at 32: dx merged 8 columns at a time
     (3, 5, 7, 13, 29, 3, 1, 1),      # 29-wide rows: runs of 8, 7, 7, 7 pixels
+    (4, 40, 24, 6, 6, 3, 1, 1),      # many channels: input channels swept in blocks
+    (5, 36, 20, 9, 9, 3, 2, 1),      # blocks in a strided forward and its phases' dx
 ]
 DTYPE_TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 

@@ -31,11 +31,20 @@ def _batches(n: int, batch: int, gen: torch.Generator):
         yield perm[i:i + batch]
 
 
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _optimizer(model: nn.Module, kind: str, lr: float, cfg: ClientSection):
     params = [p for p in model.parameters() if p.requires_grad]
     sgd = dict(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if kind == "sgd":
-        return torch.optim.SGD(params, **sgd)
+        # Without momentum, torch's fused kernel: one call for every parameter where the
+        # default loops over them in Python (~0.2 ms of a 62-parameter width-16 ResNet
+        # step), the same update bit for bit (tests/test_fused_sgd.py).  With momentum it
+        # rounds the buffer update differently (an ulp), so the loop stays.
+        fused = cfg.momentum == 0 and bool(params) and all(
+            p.device.type == "cpu" and p.dtype in _FUSED_DTYPES for p in params)
+        return torch.optim.SGD(params, fused=fused or None, **sgd)
     if kind == "sam":
         return SAM(params, torch.optim.SGD, rho=cfg.rho, **sgd)
     if kind == "asam":
