@@ -136,7 +136,7 @@ SFL_INLINE TaskSpan task_span(const ConvArgs& a, int64_t t) {
 // rest (at R = 8: 28 -> 8, 8, 8, 4; 14 -> 8, 6).  A run stays inside one row, so its loads
 // are one address plus fixed displacements and its output pixels are consecutive; the short
 // run keeps one accumulator per pixel (one dependent FMA chain for the tail cost a fifth of
-// the convolution of a 28-wide layer).  Runs of R and R/2 are also the cheapest to store.
+// the convolution of a 28-wide layer).
 struct Run {
   int64_t q;  // first grid pixel, relative to the task's p0
   int n;      // pixels

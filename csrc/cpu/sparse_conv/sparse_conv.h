@@ -249,11 +249,13 @@ int64_t to_tiles(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, float
 
 // One pass of the gather convolution (see gather_conv.cpp).
 // ---------------------------------------------------------------------------------------
-// A task is (batch tile, block of grid rows) and runs every output channel over it: the
-// input rows the block reads (KH + (rows - 1) * stride rows of every input channel) stay in
-// L2 while all output channels reuse them.  Inside, each grid row is cut into runs of at
-// most R pixels of nearly equal length; boff[r] is pixel r's offset from the tile base.  Grid pixel (u, v) reads input pixel (iy0 + u*sy, ix0 + v*sx)
-// (plus each tap's offset) and writes output pixel (oy0 + u*osy, ox0 + v*osx).
+// A task is (batch tile, block of grid rows).  Each grid row is cut into runs of R pixels
+// and one shorter run for the rest, and the task takes its runs one by one through every
+// output channel: the KH input rows of (R - 1) * stride + KW pixels that a run reads stay
+// in L1 (at 16 input channels) or L2 while all output channels reuse them.  boff[r] is
+// pixel r's offset from the tile base.  Grid pixel (u, v) reads input pixel
+// (iy0 + u*sy, ix0 + v*sx) (plus each tap's offset) and writes output pixel
+// (oy0 + u*osy, ox0 + v*osx).
 
 struct ConvArgs {
   const float* in;        // [NT][Cin][IH][IW][16]
