@@ -10,9 +10,9 @@ moved 0.54-0.65x between runs of one build.  Here both simulations are advanced 
 same round (the same global model history is not needed: each trains its own), then
 each sampled client's update (Simulation.client_update: set_compute, local training,
 selection, encoding) runs for the config and the plain twin back to back, alternating
-which goes first; the ratio is of the summed compute + act_prune seconds.  The first
-pass also pays `auto`'s calibrations (its own line shows them); the last pass is the
-steady state.
+which goes first; the ratio is of the summed train seconds (compute + act_prune + sam,
+as round-cost's "train").  The first pass also pays `auto`'s calibrations (each pass's
+line counts them); the last pass is the steady state.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import statistics
 import torch
 
 from sparsefl import fl, machine
+from sparsefl.bench.round_cost import TRAIN
 from sparsefl.fl import wire
 from sparsefl.fl.engine import Simulation, client_lr
-
-TRAIN = ("compute", "act_prune", "sam")
+from sparsefl.nn import sparse_compute
 
 
 def main() -> None:
@@ -57,6 +57,7 @@ def main() -> None:
     for p in range(a.passes):
         tot = {"config": 0.0, "plain": 0.0}
         act = 0.0
+        calibrated = len(sparse_compute.AUTO_TIMINGS)
         for i, cid in enumerate(cids):
             pair = {}
             for name in ("config", "plain") if (i + p) % 2 == 0 else ("plain", "config"):
@@ -71,7 +72,8 @@ def main() -> None:
             ratios.append(pair["config"] / pair["plain"])
         print(f"pass {p + 1}: config {tot['config']:.2f} s, plain {tot['plain']:.2f} s, "
               f"train ratio {tot['config'] / tot['plain']:.3f}, act_prune "
-              f"{act / tot['config']:.1%} of the config's train", flush=True)
+              f"{act / tot['config']:.1%} of the config's train, `auto` calibrated "
+              f"{len(sparse_compute.AUTO_TIMINGS) - calibrated} layer shape(s)", flush=True)
     print(f"per-client ratios: median {statistics.median(ratios):.3f}, "
           f"min {min(ratios):.3f}, max {max(ratios):.3f}")
 
