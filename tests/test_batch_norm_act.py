@@ -28,9 +28,10 @@ needs_cpp = pytest.mark.skipif(not _native.has_kernel("batch_norm_act", "cpu"),
 
 # (N, C, spatial...): HW = 784, 49 (tails of 16 and 8), 16, 5, 1; 2-D and 5-D
 SHAPES = [(4, 3, 28, 28), (5, 6, 7, 7), (3, 8, 4, 4), (2, 4, 5), (6, 5), (2, 3, 2, 3, 4),
-          (1, 2, 3, 3)]
+          (1, 2, 3, 3), (3, 2, 10, 13)]  # HW = 130: rows of 64-bit mask words and a tail
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# fp32: the weight gradient sums ~400 products of both signs per channel in float lanes
+TOL = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def rel(a, b):
@@ -367,3 +368,63 @@ def test_layer_autograd_equals_eager(residual, relu, affine):
         out = bna.bn_act(fused, x.clone(), r if residual else None, relu)
         (gb,) = torch.autograd.grad(out, [fused.bias], gy)
         assert rel(gb, grads[0][-1]) < 2e-5
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_mask_bits_equal_the_output_mask(dtype):
+    """The layer keeps its ReLU's mask as bits (one 64-bit word row per (n, c)): its
+    gradients equal batch_norm_act_backward's from the saved output, bit for bit, over
+    row lengths with and without tails, zeros and NaN in the output."""
+    for i, shape in enumerate(SHAPES):
+        x, r, gy, w, b = data(shape, dtype, seed=i)
+        x.view(-1)[:: 7] = 0.0  # exact zeros after BN are rare: force ties at the threshold
+        x.view(-1)[5] = float("nan")
+        for residual in (False, True):
+            rr = r if residual else None
+            y, m, inv = torch.ops.sparsefl_C.batch_norm_act(x, rr, w, b, None, None, 0.1,
+                                                            1e-5, True)
+            want = torch.ops.sparsefl_C.batch_norm_act_backward(gy, x, y, w, m, inv, True,
+                                                                residual)
+            xs = x.clone().requires_grad_()
+            rs = r.clone().requires_grad_() if residual else None
+            ws, bs = w.clone().requires_grad_(), b.clone().requires_grad_()
+            out = torch.ops.sparsefl_C.batch_norm_act_layer(xs, rs, ws, bs, None, None, 0.1,
+                                                            1e-5, True)
+            assert torch.equal(out.isnan(), y.isnan())
+            assert torch.equal(out.nan_to_num(), y.nan_to_num())
+            got = torch.autograd.grad(out, [xs, ws, bs] + ([rs] if residual else []), gy)
+            pairs = [(got[0], want[0]), (got[1], want[2]), (got[2], want[3])]
+            if residual:
+                pairs.append((got[3], want[1]))
+            for a, e in pairs:
+                assert torch.equal(a.isnan(), e.isnan()), (shape, residual)
+                assert torch.equal(a.nan_to_num(), e.nan_to_num()), (shape, residual)
+
+
+@needs_cpp
+@pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
+def test_layer_mask_bits_on_narrower_isas(env):
+    run_with_isa_off(env, "import torch, test_batch_norm_act as t\n"
+                     "for d in t.DTYPES:\n"
+                     "    t.test_layer_mask_bits_equal_the_output_mask(d)\nprint('ok')")
+
+
+@needs_cpp
+def test_layer_saves_bits_not_its_output():
+    """Saved for backward: x, the mask (1/32 of the output's fp32 bytes, one word row per
+    (n, c)) and per-channel vectors; nothing else shaped like x."""
+    x = torch.randn(4, 3, 28, 28, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.ops.sparsefl_C.batch_norm_act_layer(x, x.detach().clone(), None, None, None,
+                                                  None, 0.1, 1e-5, True)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0] is x
+    bits = [t for t in saved if t.dtype == torch.int64]
+    assert len(bits) == 1 and bits[0].numel() == 4 * 3 * 13  # ceil(784 / 64) words a row

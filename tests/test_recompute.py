@@ -104,7 +104,8 @@ class TwoBlocks(nn.Module):  # conv -> bn_act -> conv -> bn_act, activation prun
 
 def _fused_output_kept(recompute: bool) -> bool:
     """Whether the first fused op's output (BatchNorm + ReLU of a sparse conv) stays in
-    memory after forward: its saved copy is a recipe under recompute."""
+    memory after forward: the op keeps its ReLU mask as bits and the sparse conv after
+    it its pruned input, so with or without recompute nothing holds it."""
     torch.manual_seed(0)
     m = sparsify(TwoBlocks(), 1.25)
     set_activation_density(m)
@@ -122,7 +123,7 @@ def _fused_output_kept(recompute: bool) -> bool:
 
 
 def test_fused_output_is_dropped_and_gradients_unchanged():
-    assert _fused_output_kept(recompute=False)
+    assert not _fused_output_kept(recompute=False)
     assert not _fused_output_kept(recompute=True)
     grads = []
     for recompute in (False, True):
@@ -262,3 +263,31 @@ def test_run_option_changes_memory_not_results(tmp_path, monkeypatch):
         assert ("sparse", flag == "true") in calls
         finals[flag] = [(r["train_loss"], r["acc"]) for r in h.rounds]
     assert finals["true"] == finals["false"]
+
+
+def test_cached_recipe_lets_go_of_its_source():
+    """A layer output made again once and cached no longer needs its input: the recipe
+    drops it (a block's input would otherwise live through the block's whole backward).
+    An output of a much smaller input (a stem conv's image) is not cached: made again at
+    each read, from the input it keeps."""
+    torch.manual_seed(0)
+    conv = PowerpropConv2d(4, 4, 3, 1, 1, bias=False)
+    stem = PowerpropConv2d(1, 8, 3, 1, 1, bias=False)
+    remake = lambda m, t: F.conv2d(t, m.weight, None, 1, 1)  # noqa: E731
+    x, img = torch.randn(2, 4, 6, 6), torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        y, s = remake(conv, x), remake(stem, img)
+    rc.note_output(conv, x, y, remake)
+    rc.note_output(stem, img, s, remake)
+    big, small = rc._recipe_of(y), rc._recipe_of(s)
+    assert big.cache_value and not small.cache_value
+    assert big.pin() and small.pin()
+    x_ref = weakref.ref(x)
+    del x
+    gc.collect()
+    assert x_ref() is not None  # pinned: the recipe holds its input until it is made
+    assert torch.equal(big.value(), y)
+    gc.collect()
+    assert x_ref() is None and big.value() is big.value()  # made once, input released
+    first = small.value()
+    assert torch.equal(first, s) and small.value() is not first  # made again per read

@@ -22,6 +22,10 @@
 //                * w * invstd;   grad_r = dz
 // Sums run in vector lanes (spilled to double), one horizontal add per channel; one thread
 // owns a channel, so results do not depend on the thread count.
+// What the layer keeps for backward: x and, with a ReLU, its mask as bits (one bit per
+// entry, 1/32 of y in fp32): y itself is then free as soon as the next layer has read it.
+// In a ResNet block y is the block's output; a sparse conv after it keeps only its pruned
+// input, so keeping y for a mask held a full activation per BatchNorm for nothing.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -89,6 +93,33 @@ SFL_INLINE U pass_where(U y, U g) {
   else return y <= U{} ? U{} : g;
 }
 
+// The ReLU's mask as bits, !(y <= 0) (NaN passes, as threshold_backward).  Each (n, c)
+// row starts a new 64-bit word, so a vector's W bits (W divides 64) never straddle two.
+inline int64_t mask_words(int64_t hw) { return (hw + 63) / 64; }
+
+template <typename U> struct LaneInts;
+template <> struct LaneInts<v16> { typedef int32_t type __attribute__((vector_size(64))); };
+template <> struct LaneInts<v8> { typedef int32_t type __attribute__((vector_size(32))); };
+template <> struct LaneInts<v4> { typedef int32_t type __attribute__((vector_size(16))); };
+
+// dz = g where the mask's bit is set (bit k of b for lane k).  Vector-extension code only:
+// it runs inside the kernels' generic lambdas, which cannot call target-specific intrinsics
+// (the compiler lowers it to a bit test and a masked move on AVX-512).
+template <typename U>
+SFL_INLINE U keep_bits(U g, uint64_t b) {
+  if constexpr (kScalar<U>) {
+    return (b & 1) ? g : 0.f;
+  } else {
+    constexpr int W = static_cast<int>(sizeof(U) / sizeof(float));
+    using I = typename LaneInts<U>::type;
+    I sel;
+    for (int k = 0; k < W; ++k) sel[k] = int32_t{1} << k;
+    const I on = ((I{} + static_cast<int32_t>(b & ((uint64_t{1} << W) - 1))) & sel) != I{};
+    return (U)((I)g & on);
+  }
+}
+
+
 // Sums over one channel, kept in vector lanes: one horizontal add per channel, not per row
 // (at HW = 16 or 49 a per-row reduction cost more than the row).  Lanes spill into a
 // double every kSpill vectors, so a large channel loses no more than a small one.
@@ -134,6 +165,94 @@ SFL_INLINE void each(const Geometry& g, int64_t c, Step&& step) {
     for (; p < e; ++p) step(0.f, p);
   }
 }
+
+// As each, with the mask's bits for the entries from p on: step(u, p, bits)
+template <typename V, typename Step>
+SFL_INLINE void each_reading_bits(const Geometry& g, int64_t c, const uint64_t* bits,
+                                  Step&& step) {
+  constexpr int64_t W = sizeof(V) / sizeof(float);
+  const int64_t wpr = mask_words(g.hw);
+  for (int64_t ni = 0; ni < g.n; ++ni) {
+    const int64_t o = g.at(ni, c);
+    const uint64_t* row = bits + (ni * g.c + c) * wpr;
+    int64_t i = 0;
+    for (; i + W <= g.hw; i += W) step(V{}, o + i, row[i >> 6] >> (i & 63));
+    for (; i < g.hw; ++i) step(0.f, o + i, row[i >> 6] >> (i & 63));
+  }
+}
+
+// The bits of one channel's stored y (!(y <= 0)), row by row; the vector compare per ISA.
+template <typename T>
+SFL_INLINE void mask_rows_tail(const T* row, int64_t i, int64_t hw, uint64_t word,
+                               uint64_t* out) {
+  for (; i < hw; ++i) {
+    word |= static_cast<uint64_t>(!(static_cast<float>(row[i]) <= 0.f)) << (i & 63);
+    if (((i + 1) & 63) == 0) {
+      out[i >> 6] = word;
+      word = 0;
+    }
+  }
+  if (hw & 63) out[hw >> 6] = word;
+}
+
+template <typename T>
+void mask_rows_portable(const Geometry& g, int64_t c, const T* y, uint64_t* bits) {
+  const int64_t wpr = mask_words(g.hw);
+  for (int64_t ni = 0; ni < g.n; ++ni)
+    mask_rows_tail(y + g.at(ni, c), 0, g.hw, 0, bits + (ni * g.c + c) * wpr);
+}
+
+#if defined(SFL_X86)
+template <typename T>
+SFL_AVX512 void mask_rows_avx512(const Geometry& g, int64_t c, const T* y, uint64_t* bits) {
+  if constexpr (!std::is_same_v<T, float>) {
+    mask_rows_portable(g, c, y, bits);
+  } else {
+    const int64_t wpr = mask_words(g.hw);
+    for (int64_t ni = 0; ni < g.n; ++ni) {
+      const float* row = y + g.at(ni, c);
+      uint64_t* out = bits + (ni * g.c + c) * wpr;
+      uint64_t word = 0;
+      int64_t i = 0;
+      for (; i + 16 <= g.hw; i += 16) {
+        const uint64_t m =
+            _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), _mm512_setzero_ps(), _CMP_NLE_UQ);
+        word |= m << (i & 63);
+        if (((i + 16) & 63) == 0) {
+          out[i >> 6] = word;
+          word = 0;
+        }
+      }
+      mask_rows_tail(row, i, g.hw, word, out);
+    }
+  }
+}
+
+template <typename T>
+SFL_AVX2 void mask_rows_avx2(const Geometry& g, int64_t c, const T* y, uint64_t* bits) {
+  if constexpr (!std::is_same_v<T, float>) {
+    mask_rows_portable(g, c, y, bits);
+  } else {
+    const int64_t wpr = mask_words(g.hw);
+    for (int64_t ni = 0; ni < g.n; ++ni) {
+      const float* row = y + g.at(ni, c);
+      uint64_t* out = bits + (ni * g.c + c) * wpr;
+      uint64_t word = 0;
+      int64_t i = 0;
+      for (; i + 8 <= g.hw; i += 8) {
+        const uint64_t m = static_cast<uint32_t>(_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_setzero_ps(), _CMP_NLE_UQ)));
+        word |= m << (i & 63);
+        if (((i + 8) & 63) == 0) {
+          out[i >> 6] = word;
+          word = 0;
+        }
+      }
+      mask_rows_tail(row, i, g.hw, word, out);
+    }
+  }
+}
+#endif
 
 // -- one channel, forward and backward (V: the ISA's vector) -------------------------------
 
@@ -186,10 +305,17 @@ struct BwdOut {
 
 template <typename V, typename T>
 SFL_INLINE BwdOut channel_backward(const Geometry& g, int64_t c, const T* gy, const T* y,
-                                   const T* x, T* dx, T* dr, float w, float mean,
-                                   float invstd, bool relu) {
+                                   const uint64_t* bits, const T* x, T* dx, T* dr, float w,
+                                   float mean, float invstd, bool relu) {
   Sum<V> a, b;
-  if (relu) {
+  if (relu && bits != nullptr) {
+    each_reading_bits<V>(g, c, bits, [&](auto u, int64_t p, uint64_t m) {
+      using U = decltype(u);
+      const U dz = keep_bits(ld<U>(gy + p), m);
+      a.add(dz);
+      b.add(dz * (ld<U>(x + p) - mean));
+    });
+  } else if (relu) {
     each<V>(g, c, [&](auto u, int64_t p) {
       using U = decltype(u);
       const U dz = pass_where<U>(ld<U>(y + p), ld<U>(gy + p));
@@ -208,6 +334,15 @@ SFL_INLINE BwdOut channel_backward(const Geometry& g, int64_t c, const T* gy, co
   const float k1 = static_cast<float>(s_dz / g.count());
   const float k2 = static_cast<float>(s_dzx / g.count()) * invstd * invstd;
   const float wi = w * invstd;
+  if (relu && bits != nullptr) {
+    each_reading_bits<V>(g, c, bits, [&](auto u, int64_t p, uint64_t m) {
+      using U = decltype(u);
+      const U dz = keep_bits(ld<U>(gy + p), m);
+      if (dr != nullptr) st<U>(dr + p, dz);
+      st<U>(dx + p, (dz - k1 - (ld<U>(x + p) - mean) * k2) * wi);
+    });
+    return {s_dz, s_dzx};
+  }
   each<V>(g, c, [&](auto u, int64_t p) {
     using U = decltype(u);
     const U gv = ld<U>(gy + p);
@@ -223,47 +358,54 @@ SFL_INLINE BwdOut channel_backward(const Geometry& g, int64_t c, const T* gy, co
 #if defined(SFL_X86)
 template <typename T>
 SFL_AVX512 FwdOut forward_avx512(const Geometry& g, int64_t c, const T* x, const T* r, T* y,
-                                 float w, float b, double eps, bool relu) {
-  return channel_forward<v16>(g, c, x, r, y, w, b, eps, relu);
+                                 uint64_t* bits, float w, float b, double eps, bool relu) {
+  const FwdOut o = channel_forward<v16>(g, c, x, r, y, w, b, eps, relu);
+  if (bits != nullptr) mask_rows_avx512(g, c, y, bits);  // from y while it is in cache
+  return o;
 }
 template <typename T>
 SFL_AVX2 FwdOut forward_avx2(const Geometry& g, int64_t c, const T* x, const T* r, T* y,
-                             float w, float b, double eps, bool relu) {
-  return channel_forward<v8>(g, c, x, r, y, w, b, eps, relu);
+                             uint64_t* bits, float w, float b, double eps, bool relu) {
+  const FwdOut o = channel_forward<v8>(g, c, x, r, y, w, b, eps, relu);
+  if (bits != nullptr) mask_rows_avx2(g, c, y, bits);
+  return o;
 }
 template <typename T>
 SFL_AVX512 BwdOut backward_avx512(const Geometry& g, int64_t c, const T* gy, const T* y,
-                                  const T* x, T* dx, T* dr, float w, float mean, float invstd,
-                                  bool relu) {
-  return channel_backward<v16>(g, c, gy, y, x, dx, dr, w, mean, invstd, relu);
+                                  const uint64_t* bits, const T* x, T* dx, T* dr, float w,
+                                  float mean, float invstd, bool relu) {
+  return channel_backward<v16>(g, c, gy, y, bits, x, dx, dr, w, mean, invstd, relu);
 }
 template <typename T>
 SFL_AVX2 BwdOut backward_avx2(const Geometry& g, int64_t c, const T* gy, const T* y,
-                              const T* x, T* dx, T* dr, float w, float mean, float invstd,
-                              bool relu) {
-  return channel_backward<v8>(g, c, gy, y, x, dx, dr, w, mean, invstd, relu);
+                              const uint64_t* bits, const T* x, T* dx, T* dr, float w,
+                              float mean, float invstd, bool relu) {
+  return channel_backward<v8>(g, c, gy, y, bits, x, dx, dr, w, mean, invstd, relu);
 }
 #endif
 
 template <typename T>
-FwdOut forward_any(const Geometry& g, int64_t c, const T* x, const T* r, T* y, float w,
-                   float b, double eps, bool relu) {
+FwdOut forward_any(const Geometry& g, int64_t c, const T* x, const T* r, T* y, uint64_t* bits,
+                   float w, float b, double eps, bool relu) {
 #if defined(SFL_X86)
-  if (isa() == Isa::kAvx512) return forward_avx512(g, c, x, r, y, w, b, eps, relu);
-  if (isa() == Isa::kAvx2) return forward_avx2(g, c, x, r, y, w, b, eps, relu);
+  if (isa() == Isa::kAvx512) return forward_avx512(g, c, x, r, y, bits, w, b, eps, relu);
+  if (isa() == Isa::kAvx2) return forward_avx2(g, c, x, r, y, bits, w, b, eps, relu);
 #endif
-  return channel_forward<v4>(g, c, x, r, y, w, b, eps, relu);
+  const FwdOut o = channel_forward<v4>(g, c, x, r, y, w, b, eps, relu);
+  if (bits != nullptr) mask_rows_portable(g, c, y, bits);
+  return o;
 }
 
 template <typename T>
-BwdOut backward_any(const Geometry& g, int64_t c, const T* gy, const T* y, const T* x, T* dx,
-                    T* dr, float w, float mean, float invstd, bool relu) {
+BwdOut backward_any(const Geometry& g, int64_t c, const T* gy, const T* y, const uint64_t* bits,
+                    const T* x, T* dx, T* dr, float w, float mean, float invstd, bool relu) {
 #if defined(SFL_X86)
-  if (isa() == Isa::kAvx512) return backward_avx512(g, c, gy, y, x, dx, dr, w, mean, invstd,
-                                                    relu);
-  if (isa() == Isa::kAvx2) return backward_avx2(g, c, gy, y, x, dx, dr, w, mean, invstd, relu);
+  if (isa() == Isa::kAvx512) return backward_avx512(g, c, gy, y, bits, x, dx, dr, w, mean,
+                                                    invstd, relu);
+  if (isa() == Isa::kAvx2) return backward_avx2(g, c, gy, y, bits, x, dx, dr, w, mean, invstd,
+                                                relu);
 #endif
-  return channel_backward<v4>(g, c, gy, y, x, dx, dr, w, mean, invstd, relu);
+  return channel_backward<v4>(g, c, gy, y, bits, x, dx, dr, w, mean, invstd, relu);
 }
 
 // -- checks and the two ops ----------------------------------------------------------------
@@ -305,11 +447,12 @@ int64_t grain_of(const Geometry& g) {  // channels per task: ~32K entries each
   return std::max<int64_t>(1, (int64_t{1} << 15) / per);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
+// the forward; with `want_bits` and a ReLU also the mask's bits (mask_words per row)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x_in, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    double momentum, double eps, bool relu) {
+    double momentum, double eps, bool relu, bool want_bits) {
   const Geometry g = geometry_of(x_in, kFwd);
   TORCH_CHECK_VALUE(g.n * g.hw > 1 || g.c == 0, kFwd,
                     ": expected more than 1 value per channel when training, got input of "
@@ -340,6 +483,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   float* mp = mean.data_ptr<float>();
   float* ip = invstd.data_ptr<float>();
   float* vp = var.data_ptr<float>();
+  at::Tensor bits;
+  if (relu && want_bits)
+    bits = at::empty({g.n * g.c * mask_words(g.hw)}, x.options().dtype(at::kLong));
+  uint64_t* bp = bits.defined() ? reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>())
+                                : nullptr;
   dispatch_float_dtype(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
     const T* xp = x.data_ptr<T>();
@@ -347,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     T* yp = y.data_ptr<T>();
     at::parallel_for(0, g.c, grain_of(g), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const FwdOut o = forward_any(g, c, xp, rp, yp, w[c], b[c], eps, relu);
+        const FwdOut o = forward_any(g, c, xp, rp, yp, bp, w[c], b[c], eps, relu);
         mp[c] = o.mean;
         vp[c] = o.var;
         ip[c] = o.invstd;
@@ -372,22 +520,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
       rv.mul_(1.0 - momentum).add_((var * unbias).to(rv.scalar_type()), momentum);
     }
   }
+  return {y, mean, invstd, bits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    double momentum, double eps, bool relu) {
+  auto [y, mean, invstd, bits] = forward_impl(x, residual, weight, bias, running_mean,
+                                              running_var, momentum, eps, relu, false);
   return {y, mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+// the backward, the ReLU's mask from y (the public op) or from the forward's bits (the layer)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& y_in,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
-    bool relu, bool residual_grad) {
+    const at::Tensor& bits, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& invstd, bool relu, bool residual_grad) {
   const Geometry g = geometry_of(x_in, kBwd);
   check_same(grad_y_in, x_in, "grad_y", kBwd);
-  check_same(y_in, x_in, "y", kBwd);
+  if (bits.defined()) {
+    TORCH_CHECK_VALUE(bits.scalar_type() == at::kLong && bits.is_contiguous() &&
+                          bits.numel() == g.n * g.c * mask_words(g.hw), kBwd,
+                      ": the ReLU mask's bits do not match x");
+  } else {
+    check_same(y_in, x_in, "y", kBwd);
+  }
   for (const at::Tensor* t : {&mean, &invstd}) {
     TORCH_CHECK_VALUE(t->device().is_cpu() && t->dim() == 1 && t->size(0) == g.c &&
                           t->scalar_type() == at::kFloat, kBwd,
                       ": mean and invstd must be float32 CPU tensors of shape (", g.c, ")");
   }
-  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor y = bits.defined() ? at::Tensor() : y_in.contiguous();
+  const uint64_t* bp = bits.defined()
+                           ? reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>())
+                           : nullptr;
   const at::Tensor mc = mean.contiguous(), ic = invstd.contiguous();
   const auto w = per_channel(weight, g.c, 1.f, "weight", kBwd);
   at::Tensor dx = at::empty_like(x);
@@ -402,13 +571,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   dispatch_float_dtype(x.scalar_type(), kBwd, [&](auto tag) {
     using T = decltype(tag);
     const T* gp = gy.data_ptr<T>();
-    const T* yp = y.data_ptr<T>();
+    const T* yp = y.defined() ? y.data_ptr<T>() : nullptr;
     const T* xp = x.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
     T* drp = residual_grad ? dr.data_ptr<T>() : nullptr;
     at::parallel_for(0, g.c, grain_of(g), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const BwdOut o = backward_any(g, c, gp, yp, xp, dxp, drp, w[c], mp[c], ip[c], relu);
+        const BwdOut o = backward_any(g, c, gp, yp, bp, xp, dxp, drp, w[c], mp[c], ip[c],
+                                      relu);
         sp[c] = o.s_dz;
         sxp[c] = o.s_dzx * static_cast<double>(ip[c]);
       }
@@ -420,9 +590,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   return {dx, dr, s_dzx.to(pdt), s_dz.to(pdt)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& invstd,
+    bool relu, bool residual_grad) {
+  return backward_impl(grad_y, x, y, at::Tensor(), weight, mean, invstd, relu, residual_grad);
+}
+
 // The layer: y with autograd in C++ (a Python autograd.Function cost ~40 us a call, two
-// calls per BatchNorm per step).  Saves x and, with a ReLU, y (its mask), as eager BN +
-// ReLU do; saved-tensor hooks apply (sparsefl/nn/recompute.py swaps both for recipes).
+// calls per BatchNorm per step).  Saves x and, with a ReLU, the mask's bits (eager BN +
+// ReLU keep y, 32x the bytes); saved-tensor hooks apply (sparsefl/nn/recompute.py swaps x
+// for its recipe).
 struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& residual,
@@ -432,12 +610,11 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
                             const std::optional<at::Tensor>& running_var, double momentum,
                             double eps, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, invstd] = batch_norm_act_cpu(x, residual, weight, bias, running_mean,
-                                                running_var, momentum, eps, relu);
+    auto [y, mean, invstd, bits] = forward_impl(x, residual, weight, bias, running_mean,
+                                                running_var, momentum, eps, relu, true);
     const bool has_w = weight.has_value() && weight->defined();
-    // y only for the ReLU's mask: without a ReLU backward never reads it
-    ctx->save_for_backward({x, relu ? y : at::Tensor(), has_w ? *weight : at::Tensor(), mean,
-                            invstd});
+    // bits only with a ReLU: without one backward reads no mask
+    ctx->save_for_backward({x, bits, has_w ? *weight : at::Tensor(), mean, invstd});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["residual"] = residual.has_value() && residual->defined();
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
@@ -447,7 +624,7 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &y = saved[1], &w = saved[2];
+    const at::Tensor &x = saved[0], &bits = saved[1], &w = saved[2];
     const bool has_r = ctx->saved_data["residual"].toBool();
     const bool has_b = ctx->saved_data["bias"].toBool();
     at::Tensor none;
@@ -455,10 +632,10 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
     // needs_input_grad counts the tensors passed (x, residual, weight, bias when given);
     // the gradients returned are one per argument
     const size_t at_r = 1, at_w = 1 + has_r, at_b = at_w + w.defined();
-    auto [dx, dr, dw, db] = batch_norm_act_backward_cpu(
-        grads[0], x, y.defined() ? y : x,
-        w.defined() ? std::optional<at::Tensor>(w) : std::nullopt, saved[3], saved[4],
-        ctx->saved_data["relu"].toBool(), has_r && ctx->needs_input_grad(at_r));
+    auto [dx, dr, dw, db] = backward_impl(
+        grads[0], x, x, bits, w.defined() ? std::optional<at::Tensor>(w) : std::nullopt,
+        saved[3], saved[4], ctx->saved_data["relu"].toBool(),
+        has_r && ctx->needs_input_grad(at_r));
     return {ctx->needs_input_grad(0) ? dx : none,
             has_r && ctx->needs_input_grad(at_r) ? dr : none,
             w.defined() && ctx->needs_input_grad(at_w) ? dw : none,
@@ -482,8 +659,8 @@ at::Tensor batch_norm_act_layer_cpu(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     double momentum, double eps, bool relu) {
-  return std::get<0>(batch_norm_act_cpu(x, residual, weight, bias, running_mean, running_var,
-                                        momentum, eps, relu));
+  return std::get<0>(forward_impl(x, residual, weight, bias, running_mean, running_var,
+                                  momentum, eps, relu, false));
 }
 
 }  // namespace

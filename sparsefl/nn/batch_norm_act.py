@@ -12,9 +12,11 @@ batch statistics and running-stat update, gradients to fp32 rounding (tested).
 Models call `bn_act(bn, x, residual, relu)`; it takes the native op only where the
 BatchNorm was switched on with `enable(model)` (set_compute does, for sparse compute) and
 the call qualifies (training, CPU, a float dtype, the C++ extension built); everywhere
-else it is the eager modules, so a dense model is plain torch.  With recompute on
-(recompute.py), the op's saved input and output become recipes made again with this
-same kernel, so recomputing changes memory, not a bit of the result.
+else it is the eager modules, so a dense model is plain torch.  For backward the op keeps
+x and its ReLU's mask as bits (1/32 of the output in fp32): the output itself is free as
+soon as the next layer has read it (a sparse conv keeps only its pruned input).  With
+recompute on (recompute.py), the saved input becomes a recipe made again with the same
+kernels, so recomputing changes memory, not a bit of the result.
 """
 
 from __future__ import annotations
