@@ -5,8 +5,9 @@ csrc/cpu/batch_norm_act.cpp) against the eager modules a user would run.
     pytest bench/bench_batch_norm_act.py --benchmark-json=bna.json
     python bench/report.py bna.json
 
-bytes_moved: the fused op's traffic (forward reads x [+ r], writes y; backward reads dy,
-x, y, writes dx [+ dr]), for GB/s against the copy bandwidth.
+bytes_moved: the fused op's traffic (forward reads x [+ r], writes y and the ReLU mask's
+bits; backward reads dy, x and the bits, writes dx [+ dr]), for GB/s against the copy
+bandwidth.
 """
 
 from __future__ import annotations
@@ -51,5 +52,5 @@ def _case(c: int, side: int, residual: bool, fused: bool):
 def test_batch_norm_act(benchmark, c, side, residual, fused):
     step, n = _case(c, side, residual, fused)
     benchmark.group = f"bn-act-16x{c}x{side}x{side}-{'add' if residual else 'relu'}"
-    benchmark.extra_info.update(bytes_moved=4 * n * (6 + 2 * residual), numel=n)
+    benchmark.extra_info.update(bytes_moved=4 * n * (5 + 2 * residual) + n // 4, numel=n)
     benchmark.pedantic(step, rounds=100, warmup_rounds=10)
