@@ -5,7 +5,7 @@
     sparsefl analyze RUN_DIR
     sparsefl info
     sparsefl bench sam|topk|aggregate|codec|round|scaling|sparse-train|all
-    sparsefl bench round-cost CONFIG.toml [--set section.key=value ...] [--rounds N]
+    sparsefl bench round-cost CONFIG.toml [--set section.key=value ...] [--rounds N] [--pairs]
     sparsefl bench calibrate [CONFIG.toml] [--set ...] [--rounds N]   (re-time "auto")
 """
 
@@ -68,7 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
         try:
             print(round_cost.main(args.config, args.set, max(1, args.rounds if args.rounds != 30
                                                               else 3),
-                                  args.warmup, args.threads, args.out))
+                                  args.warmup, args.threads, args.out, pairs=args.pairs))
         except (ValueError, *fl_errors()) as e:
             print(f"sparsefl bench round-cost: {e}", file=sys.stderr)
             return 2
@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="round-cost, calibrate: override one config value (repeatable)")
     bench.add_argument("--warmup", type=int, default=1,
                        help="round-cost: untimed rounds first (default 1)")
+    bench.add_argument("--pairs", action="store_true",
+                       help="round-cost: interleave per client, not per round: --rounds "
+                            "passes over the clients of the round after the warm-up, each "
+                            "client trained for both configs back to back (steadier on a "
+                            "shared machine)")
     bench.add_argument("--rounds", type=int, default=30,
                        help="timed rounds (default 30; round: 2, round-cost: 3, "
                             "calibrate: 2)")

@@ -40,3 +40,28 @@ def test_refuses_what_it_cannot_compare(capsys):
     assert "nothing to compare" in capsys.readouterr().err
     assert cli.main(["bench", "round-cost", "--set", "client.lr=-1"]) == 2
     assert "client.lr" in capsys.readouterr().err
+
+
+def test_pairs_interleave_per_client(tmp_path, capsys):
+    """--pairs: both configs train the clients of the round after the warm-up, one by one,
+    `rounds` passes; the table has the client phases and the per-pass ratios."""
+    res = round_cost.run(None, SMALL, rounds=2, warmup=1, threads=0, progress=False,
+                         pairs=True)
+    assert res["pairs"] and res["pair_round"] == 2
+    for name in ("config", "plain"):
+        assert [(r["round"]) for r in res["per_round"][name]] == [2, 2]
+    a, b = res["phases"]["config"], res["phases"]["plain"]
+    assert a["act_prune"] > 0 and b["act_prune"] == 0
+    assert a["aggregate"] == b["aggregate"] == a["eval"] == 0  # no round-level phases
+    for phases in (a, b):
+        assert phases["round"] >= phases["train"] > 0
+    assert len(res["per_client_ratio"]) == 2 * 3  # two passes over three clients
+    text = round_cost.table(res)
+    assert "| **clients** (wall) |" in text and "aggregate" not in text
+    assert "train ratio per pass:" in text and "per-client train ratios" in text
+    assert cli.main(["bench", "round-cost", "--set", "data.clients=6", "--set",
+                     "server.clients_per_round=2", "--set", "client.epochs=1", "--set",
+                     "run.eval_every=100", "--rounds", "1", "--warmup", "0", "--pairs",
+                     "--out", str(tmp_path)]) == 0
+    assert "interleaved per client" in capsys.readouterr().out
+    assert (tmp_path / "round_cost.png").is_file()
