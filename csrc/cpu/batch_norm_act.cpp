@@ -119,7 +119,6 @@ SFL_INLINE U keep_bits(U g, uint64_t b) {
   }
 }
 
-
 // Sums over one channel, kept in vector lanes: one horizontal add per channel, not per row
 // (at HW = 16 or 49 a per-row reduction cost more than the row).  Lanes spill into a
 // double every kSpill vectors, so a large channel loses no more than a small one.
