@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from sparsefl.nn import (
     set_compute,
     sparsify,
 )
-from sparsefl.nn.powerprop import POWERPROP
+from sparsefl.nn.powerprop import POWERPROP, act_cut
 
 pytestmark = pytest.mark.skipif(not _native.has_cpu_kernels(),
                                 reason=f"native extension not loaded: {_native.LOAD_ERROR}")
@@ -134,6 +135,43 @@ def test_first_batch_layer_both_forms_of_the_kept_input(case, keep, dtype):
     bad.view(-1)[7] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         sparse(bad).sum().backward()
+
+
+@pytest.mark.parametrize("case", [0, 1, 4])  # 3x3 s1, 3x3 s2, 5x5 + bias
+@pytest.mark.parametrize("keep", [0.6, 0.1])  # the input kept as tiles / as a pack
+def test_per_batch_cut_on_a_tie(case, keep):
+    """A per-batch top-k whose k-th magnitude is tied (an image's flat background): the
+    fused layer takes (k, tau), keeps the tiles pruned to |x| >= tau minus the last ties in
+    flat order (or packs the top k), and dx, domega and the bias equal the dense path's,
+    which selects the top k itself.  On the tiles path a tau that is not the k-th
+    magnitude is refused (the pack path selects for itself and does not use it)."""
+    torch.manual_seed(case)
+    make, shape = LAYERS[case]
+    dense = make()
+    with torch.no_grad():
+        dense.weight.mul_(ops.topk_mask(dense.weight, 0.3))
+    dense.act_density = keep
+    sparse = copy.deepcopy(dense)
+    set_compute(sparse, "sparse")
+    dense.train()
+    sparse.train()
+    x = (torch.randn(shape) * 2).round().abs()  # few distinct magnitudes: ties at any cut
+    k, tau = act_cut(sparse, x, ties=True)
+    assert k >= 1 and tau is not None  # a split tie, as the test needs
+    assert act_cut(dense, x) == (k, None)  # the other paths select the top k themselves
+    gy = torch.randn(dense(x).shape)
+    for a, b in zip(grads(sparse, x, gy), grads(dense, x, gy)):
+        assert rel(a, b) < 1e-5
+    sp = sparse._spec
+    for wrong in (tau * 2, tau / 2):
+        if keep < 0.25:  # the pack selects the top k itself: tau is not used
+            continue
+        with pytest.raises(ValueError, match="largest"):
+            torch.ops.sparsefl_C.sparse_layer(x, sparse.weight, sparse.bias, sparse.beta,
+                                              sp.plan_id, k, True, wrong)
+    with pytest.raises(ValueError, match="k >= 1"):
+        torch.ops.sparsefl_C.sparse_layer(x, sparse.weight, sparse.bias, sparse.beta,
+                                          sp.plan_id, 0, True, tau)
 
 
 @pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
@@ -420,6 +458,11 @@ def test_kth_magnitude_count_equals_kthvalue_and_counts(dtype, kind, shape):
         tau = a.kthvalue(n - k + 1).values
         want = (float(tau), int((a > tau).sum()), int((a == tau).sum()))
         assert kth_magnitude_count(x, k) == want, (kind, k)
+        # a caller's bracket (act_cut's previous cut): holding tau, above it, below it,
+        # empty, at zero; it changes the time, never the answer
+        t = float(tau)
+        for hint in ((t, 0.02), (t * 3 + 1, 0.1), (t / 3, 0.1), (t, 0.0), (0.0, 0.5)):
+            assert kth_magnitude_count(x, k, hint) == want, (kind, k, hint)
 
 
 @pytest.mark.parametrize("env", ["SPARSEFL_DISABLE_AVX512", "SPARSEFL_DISABLE_AVX2"])
@@ -502,6 +545,11 @@ def test_kth_magnitude_count_refuses_bad_input():
             torch.ops.sparsefl_C.kth_magnitude_count(bad, 100)
     with pytest.raises(TypeError, match="not supported"):
         torch.ops.sparsefl_C.kth_magnitude_count(x.double(), 3)
+    for lo, hi in ((0.5, 0.25), (-1.0, 1.0), (math.nan, 1.0), (0.5, math.nan)):
+        with pytest.raises(ValueError, match="bracket"):
+            torch.ops.sparsefl_C.kth_magnitude_count(x, 100, lo, hi)
+    with pytest.raises(ValueError, match="both"):
+        torch.ops.sparsefl_C.kth_magnitude_count(x, 100, 0.5)
     # the schemas tell the truth (no hidden mutation or aliasing of x)
     torch.library.opcheck(torch.ops.sparsefl_C.kth_magnitude_count.default, (x, 100),
                           test_utils=("test_schema",))

@@ -6,11 +6,15 @@
 // entries, where three histogram passes (2^11 bins, zeroed, merged and scanned per call;
 // the ~50% zeros of a post-ReLU input all hit one bin, a serial chain of increments) cost
 // 0.3-0.6 ms.  Here, as in a sample sort:
+//   0. with a caller's bracket (act_cut passes the previous batch's threshold -+ a
+//      margin it adapts: consecutive batches' cuts move by 3-30%), steps 3-4 on it first,
+//      and steps 1-2 only if it misses: in a training round the sample and its order
+//      statistics were 40% of the call, the pass 32%;
 //   1. sample up to 4,096 keys (up to 512 runs of 8 consecutive entries, one run at a
 //      fixed pseudo-random offset in each 1/512 of x: a cache line per run, and no stride
 //      that would land on the same pixel of every plane);
 //   2. take the sample's order statistics a few standard deviations either side of rank
-//      k * s / n as a bracket [lo, hi] (two nth_element calls);
+//      k * s / n as a bracket [lo, hi] (two radix selections on the sample);
 //   3. one vector pass over x: count keys > hi and keys == 0, copy the keys inside
 //      [max(lo, 1), hi] (zeros are counted, never copied: a post-ReLU input has ~half);
 //   4. if the k-th largest falls in the bracket, radix-select it among the candidates
@@ -34,6 +38,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -188,7 +194,8 @@ KthCount among(const uint32_t* keys, int64_t n, int64_t k, uint32_t lo, uint32_t
   return r;
 }
 
-KthCount kth_count(const at::Tensor& x_in, int64_t k, const char* op) {
+KthCount kth_count(const at::Tensor& x_in, int64_t k, const char* op,
+                   std::optional<std::pair<int64_t, int64_t>> hint = std::nullopt) {
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), op, ": the tensor must be on CPU");
   const auto st = x_in.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
@@ -217,13 +224,56 @@ KthCount kth_count(const at::Tensor& x_in, int64_t k, const char* op) {
     TORCH_CHECK_VALUE(mx <= kNaNKey, op, ": the tensor contains NaN");
     return keys;
   };
-  constexpr int64_t kRun = 8;
-  const int64_t runs = std::min<int64_t>(512, n / 64);  // a run per 64 entries or more
   if (n < 4096) {  // small: selection over every key beats a sample
     auto keys = all_keys();
     return among(keys.data(), n, k, 0u, 0x7fffffffu);
   }
+  // 3. + 4. for one bracket [lo, hi] (lo >= 1): the pass, a part per thread, then the
+  // answer if the bracket holds it (or every nonzero is kept); nothing on a miss.
+  auto try_bracket = [&](uint32_t lo, uint32_t hi) -> std::optional<KthCount> {
+    const int nt =
+        std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n / 65536)));
+    std::vector<PassOut> outs(nt);
+    // candidate buffers with room for a whole part, left uninitialised: only the few
+    // candidates are written, so only their pages are touched
+    std::vector<std::unique_ptr<uint32_t[]>> cands(nt);
+    const int64_t part = (n + nt - 1) / nt;
+    for (int t = 0; t < nt; ++t) cands[t].reset(new uint32_t[part + 16]);
+    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t * part, e = std::min(n, b + part);
+        if (b < e) pass_any(bits + b, e - b, lo, hi, cands[t].get(), outs[t]);
+      }
+    });
+    PassOut tot;
+    std::vector<uint32_t> cand;
+    for (int t = 0; t < nt; ++t) {
+      tot.gt += outs[t].gt;
+      tot.zeros += outs[t].zeros;
+      tot.kmax = std::max(tot.kmax, outs[t].kmax);
+      cand.insert(cand.end(), cands[t].get(), cands[t].get() + outs[t].w);
+    }
+    TORCH_CHECK_VALUE(tot.kmax <= kNaNKey, op, ": the tensor contains NaN");
+    const int64_t nc = static_cast<int64_t>(cand.size());
+    // where the k-th largest lies: above the bracket (miss), in it, among the keys in
+    // [1, lo) (miss), or at zero (lo == 1: everything nonzero lies at or above the bracket)
+    if (tot.gt < k && k <= tot.gt + nc) {
+      KthCount r = among(cand.data(), nc, k - tot.gt, lo, std::max(lo, hi));
+      r.gt += tot.gt;
+      return r;
+    }
+    const int64_t nonzero = n - tot.zeros;
+    if (lo == 1 && tot.gt + nc == nonzero && k > nonzero) return KthCount{0u, nonzero, tot.zeros};
+    return std::nullopt;
+  };
+  // 0. a caller's bracket (the previous batch's cut, act_cut): no sample when it holds
+  if (hint.has_value()) {
+    const uint32_t lo = std::max<uint32_t>(1u, static_cast<uint32_t>(hint->first));
+    if (auto r = try_bracket(lo, static_cast<uint32_t>(hint->second))) return *r;
+  }
   // 1. the sample
+  constexpr int64_t kRun = 8;
+  const int64_t runs = std::min<int64_t>(512, n / 64);  // a run per 64 entries or more
   std::vector<uint32_t> s;
   s.reserve(kRun * runs);
   const int64_t gap = n / runs;
@@ -234,52 +284,18 @@ KthCount kth_count(const at::Tensor& x_in, int64_t k, const char* op) {
     for (int64_t j = 0; j < kRun; ++j) s.push_back(bits[at + j] & 0x7fffffffu);
   }
   // 2. the bracket: ranks (descending) p -+ margin; the margin is 4 binomial standard
-  // deviations, doubled since neighbours in a run are alike (fewer independent draws)
+  // deviations, doubled since neighbours in a run are alike (fewer independent draws).
+  // Radix selection on the sample: nth_element's compares mispredict (a quarter of the
+  // call's time in a training round).
   const int64_t S = static_cast<int64_t>(s.size());
   const double q = static_cast<double>(k) / static_cast<double>(n);
   const double p = q * S;
   const int64_t margin = static_cast<int64_t>(8.0 * std::sqrt(S * q * (1 - q))) + 16;
   const int64_t rhi = static_cast<int64_t>(p) - margin;  // rank of hi (0 = the largest)
   const int64_t rlo = static_cast<int64_t>(p) + margin;  // rank of lo
-  auto nth_desc = [&](int64_t r) {
-    std::nth_element(s.begin(), s.begin() + r, s.end(), std::greater<uint32_t>());
-    return s[r];
-  };
-  const uint32_t hi = rhi <= 0 ? 0x7fffffffu : nth_desc(rhi);
-  const uint32_t lo = std::max<uint32_t>(1u, rlo >= S ? 0u : nth_desc(rlo));
-  // 3. the pass, a part per thread
-  const int nt = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n / 65536)));
-  std::vector<PassOut> outs(nt);
-  // candidate buffers with room for a whole part, left uninitialised: only the few
-  // candidates are written, so only their pages are touched
-  std::vector<std::unique_ptr<uint32_t[]>> cands(nt);
-  const int64_t part = (n + nt - 1) / nt;
-  for (int t = 0; t < nt; ++t) cands[t].reset(new uint32_t[part + 16]);
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t * part, e = std::min(n, b + part);
-      if (b < e) pass_any(bits + b, e - b, lo, hi, cands[t].get(), outs[t]);
-    }
-  });
-  PassOut tot;
-  std::vector<uint32_t> cand;
-  for (int t = 0; t < nt; ++t) {
-    tot.gt += outs[t].gt;
-    tot.zeros += outs[t].zeros;
-    tot.kmax = std::max(tot.kmax, outs[t].kmax);
-    cand.insert(cand.end(), cands[t].get(), cands[t].get() + outs[t].w);
-  }
-  TORCH_CHECK_VALUE(tot.kmax <= kNaNKey, op, ": the tensor contains NaN");
-  const int64_t nc = static_cast<int64_t>(cand.size());
-  // 4. where the k-th largest lies: above the bracket (miss), in it, among the keys in
-  // [1, lo) (miss), or at zero (lo == 1: everything nonzero lies at or above the bracket)
-  if (tot.gt < k && k <= tot.gt + nc) {
-    KthCount r = among(cand.data(), nc, k - tot.gt, lo, hi);
-    r.gt += tot.gt;
-    return r;
-  }
-  const int64_t nonzero = n - tot.zeros;
-  if (lo == 1 && tot.gt + nc == nonzero && k > nonzero) return {0u, nonzero, tot.zeros};
+  const uint32_t hi = rhi <= 0 ? 0x7fffffffu : kth_largest(s.data(), S, rhi + 1);
+  const uint32_t lo = std::max<uint32_t>(1u, rlo >= S ? 0u : kth_largest(s.data(), S, rlo + 1));
+  if (auto r = try_bracket(lo, hi)) return *r;
   auto keys = all_keys();  // the sample misled: select among every key
   return among(keys.data(), n, k, 0u, 0x7fffffffu);
 }
@@ -299,9 +315,23 @@ double kth_magnitude_cpu(const at::Tensor& x, int64_t k) {
 
 // (tau, above, at): the k-th largest |x| (1 <= k <= numel), how many |x| > tau and how many
 // |x| == tau.  above + at == k means the k largest are exactly {|x| >= tau}: a per-batch
-// top-k is then the threshold pack, with no tie to split.
-std::tuple<double, int64_t, int64_t> kth_magnitude_count_cpu(const at::Tensor& x, int64_t k) {
-  const KthCount r = kth_count(x, k, "sparsefl.kth_magnitude_count");
+// top-k is then the threshold pack, with no tie to split.  [lo, hi]: where the caller
+// expects tau (the previous batch's, act_cut); tried before the sample, it changes the
+// time, never the answer.
+std::tuple<double, int64_t, int64_t> kth_magnitude_count_cpu(const at::Tensor& x, int64_t k,
+                                                             c10::optional<double> lo,
+                                                             c10::optional<double> hi) {
+  const char* op = "sparsefl.kth_magnitude_count";
+  std::optional<std::pair<int64_t, int64_t>> hint;
+  TORCH_CHECK_VALUE(lo.has_value() == hi.has_value(), op, ": give both lo and hi, or neither");
+  if (lo.has_value()) {
+    TORCH_CHECK_VALUE(!std::isnan(*lo) && !std::isnan(*hi) && *lo >= 0 && *lo <= *hi, op,
+                      ": the bracket needs 0 <= lo <= hi (got lo = ", *lo, ", hi = ", *hi,
+                      ")");
+    hint.emplace(magnitude_key(static_cast<float>(*lo)),
+                 magnitude_key(static_cast<float>(*hi)));
+  }
+  const KthCount r = kth_count(x, k, op, hint);
   return {key_value(r.key), r.gt, r.eq};
 }
 
@@ -309,7 +339,9 @@ std::tuple<double, int64_t, int64_t> kth_magnitude_count_cpu(const at::Tensor& x
 
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("kth_magnitude(Tensor x, int k) -> float", &kth_magnitude_cpu);
-  m.def("kth_magnitude_count(Tensor x, int k) -> (float, int, int)", &kth_magnitude_count_cpu);
+  m.def("kth_magnitude_count(Tensor x, int k, float? lo=None, float? hi=None) -> "
+        "(float, int, int)",
+        &kth_magnitude_count_cpu);
 }
 
 }  // namespace sparsefl

@@ -152,6 +152,29 @@ int64_t prune_tiles(at::Tensor& xt, int64_t tau_key) {
   return total;
 }
 
+// A per-batch top-k whose k-th magnitude tau is tied (act_cut): the tiles were pruned to
+// |x| >= tau, which keeps `drop` tied entries too many; the top-k keeps the ties of
+// lowest NCHW flat index (the packs' rule), so the last `drop` entries equal to tau in
+// flat order go.  A scan from the end: the ties are mostly the repeated value of the
+// images' background, so it stops early.  Returns how many it dropped (== drop unless
+// tau was not the k-th largest magnitude).
+int64_t drop_last_ties(at::Tensor& xt, const Geom& g, int64_t tau_key, int64_t drop) {
+  float* d = xt.data_ptr<float>();
+  const uint32_t tk = static_cast<uint32_t>(tau_key);
+  const int64_t Hp = g.Hp(), Wp = g.Wp();
+  int64_t dropped = 0;
+  for (int64_t n = g.N - 1; n >= 0 && dropped < drop; --n)
+    for (int64_t c = g.C - 1; c >= 0 && dropped < drop; --c) {
+      float* plane = d + (((n / L) * g.C + c) * Hp * Wp) * L + n % L;
+      for (int64_t h = g.H - 1; h >= 0 && dropped < drop; --h)
+        for (int64_t w = g.W - 1; w >= 0 && dropped < drop; --w) {
+          float& v = plane[((h + g.ph) * Wp + w + g.pw) * L];
+          if (magnitude_key(v) == tk) v = 0.0f, ++dropped;
+        }
+    }
+  return dropped;
+}
+
 // The activation pack, its time added to act_prune_ns (the engine's act_prune phase).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, int64_t k,
                                                           at::IntArrayRef kernel,
@@ -174,8 +197,15 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     std::shared_ptr<const Plan> P;
     const bool grad_w = train && omega.requires_grad();
     // A threshold (or no pruning) on a spatial input: the kept input may stay in the
-    // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.
-    const bool may_keep_tiles = grad_w && k == -1 && lv.x4.size(2) * lv.x4.size(3) > 1;
+    // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.  So
+    // may a per-batch top-k given with its k-th magnitude tau (k >= 1 and tau: a tie at
+    // the cut, act_cut): pruned to |x| >= tau, then the surplus ties dropped.
+    const bool ties = k >= 1 && tau.has_value();
+    TORCH_CHECK_VALUE(!tau.has_value() || k == -1 || ties, kLayerOp, ": give k = -1 with a "
+                      "threshold tau, or k >= 1 with the k-th largest magnitude (got k = ", k,
+                      ")");
+    const bool may_keep_tiles =
+        grad_w && (k == -1 || ties) && lv.x4.size(2) * lv.x4.size(3) > 1;
     // The kept count comes from the forward's own tile pass, so a layer that keeps less
     // than a quarter goes straight to the pack without a pruning pass it would not use.
     const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
@@ -186,18 +216,24 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
                                  may_keep_tiles ? &kept : nullptr);
     std::vector<at::Tensor> saved{omega};
     bool dense_x = false;
-    if (may_keep_tiles && xt.defined() && 4 * kept >= lv.x4.numel()) {
+    if (may_keep_tiles && xt.defined() && 4 * (ties ? k : kept) >= lv.x4.numel()) {
       const auto t0 = std::chrono::steady_clock::now();
       const int64_t pruned = prune_tiles(xt, tk);
       TORCH_CHECK(pruned == kept, "sparsefl.sparse_layer: internal error, the tile pass "
                   "counted ", kept, " kept inputs and the pruning pass ", pruned);
+      if (ties) {
+        TORCH_CHECK_VALUE(tk >= 1 && kept >= k && drop_last_ties(xt, g, tk, kept - k) ==
+                          kept - k, kLayerOp, ": tau = ", *tau, " is not the ", k,
+                          "-th largest |x| of the input (", kept, " entries are >= tau)");
+      }
       dense_x = true;
       saved.push_back(xt);
       g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - t0).count();
     }
     if (grad_w && !dense_x) {
-      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan, tau);
+      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan,
+                                  ties ? c10::optional<double>() : tau);
       saved.push_back(p);
       saved.push_back(q);
       saved.push_back(v);
