@@ -7,8 +7,7 @@ namespace conv {
 
 at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double beta,
                            const int64_t* rp, const Plan& P, const at::Tensor& b,
-                           const Geom& g, const char* op, at::Tensor* tiles,
-                           int64_t tally_key, int64_t* tally) {
+                           const Geom& g, const char* op, const TileVisit* visit) {
   auto y = at::empty({g.N, g.Co, g.OH, g.OW}, x.options());
   if (g.N == 0) return y;
   const int64_t nnz = static_cast<int64_t>(P.widx.size());
@@ -34,11 +33,10 @@ at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double 
   dispatch_float_dtype(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const int64_t n = to_tiles<T>(x.data_ptr<T>(), g.N, g.C, g.H, g.W, xt.data_ptr<float>(),
-                                  Hp, Wp, g.ph, g.pw, 1, 1, tally ? tally_key : 0);
-    if (tally != nullptr) *tally = n;
+                                  Hp, Wp, g.ph, g.pw, 1, 1, visit ? visit->tally_key : 0);
+    if (visit != nullptr) visit->fn(xt, n);
     run_conv<T>(a);
   });
-  if (tiles != nullptr) *tiles = xt;
   return y;
 }
 

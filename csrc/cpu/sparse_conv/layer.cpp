@@ -1,7 +1,7 @@
 // The whole layer as one autograd op (torch.ops.sparsefl_C.sparse_layer).
 //
 // Forward = the planned forward (+ the pruned input kept for the weight gradient: the
-// forward's own pixel tiles pruned in place when a quarter or more survives, else the
+// forward's own pixel tiles, copied pruned, when a quarter or more survives, else the
 // activation pack); the backward node is C++ (the planned backward and the bias sum).  One
 // dispatcher call per direction, no Python in the backward, and the index plans built once
 // per support and input size (SparsePlan).
@@ -52,8 +52,7 @@ std::atomic<int64_t> g_act_prune_ns{0};
 // set_compute), then computes y on the support.
 at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double beta,
                          const c10::optional<at::Tensor>& bias, SparsePlan& sp, Geom& g,
-                         std::shared_ptr<const Plan>& P, at::Tensor* tiles,
-                         int64_t tally_key, int64_t* tally) {
+                         std::shared_ptr<const Plan>& P, const TileVisit* visit) {
   check_operands(lv.x4, "input", lv.w4, beta, kLayerOp);
   sp.check_weight(lv.w4, kLayerOp);
   g = make_geom(lv.x4.sizes(), lv.w4, sp.stride, sp.padding, kLayerOp);
@@ -68,14 +67,17 @@ at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double be
               "outside the support packed by set_compute(); the weights changed since (a new "
               "model was loaded?): call set_compute(model, ...) again");
   return forward_planned(x, w, beta, sp.rowptr.data_ptr<int64_t>(), *P,
-                         float_bias(bias, g, kLayerOp), g, kLayerOp, tiles, tally_key, tally);
+                         float_bias(bias, g, kLayerOp), g, kLayerOp, visit);
 }
 
-// Activation pruning on the forward's input tiles, in place: every entry with |x| below
-// the threshold becomes 0 (threshold key 0: nothing to prune, 1: the nonzeros); returns
-// how many nonzeros stay.  The kept set is the pack's (|x| >= tau, or the nonzeros), so
-// the weight gradient is the same sum whichever form keeps it.  NaN input is refused as
-// the pack refuses it.
+// Activation pruning of the forward's input tiles into a copy (d from s: the convolution
+// still reads the unpruned tiles): every entry with |x| below the threshold becomes 0
+// (threshold key 0: nothing to prune, 1: the nonzeros); returns how many nonzeros stay.
+// It runs between the relayout and the convolution, while the tiles are in cache: after
+// the convolution (pruning in place) it cost 84 us a stage-1 call in a round against 35
+// us hot.  The kept set is the pack's (|x| >= tau, or the nonzeros), so the weight
+// gradient is the same sum whichever form keeps it.  NaN input is refused as the pack
+// refuses it.
 typedef int32_t iv16 __attribute__((vector_size(64)));
 typedef int32_t iv8 __attribute__((vector_size(32)));
 typedef int32_t iv4 __attribute__((vector_size(16)));
@@ -85,7 +87,8 @@ template <> struct IntVec<v8> { using type = iv8; };
 template <> struct IntVec<v4> { using type = iv4; };
 
 template <typename V>
-SFL_INLINE int64_t prune_run(float* __restrict d, int64_t n, int32_t tk, bool& nan) {
+SFL_INLINE int64_t prune_run(const float* __restrict s, float* __restrict d, int64_t n,
+                             int32_t tk, bool& nan) {
   // masks by sign shifts, not vector compares: GCC lowers a generic vector compare in this
   // always-inline body for the default target (per-lane scalar compares), arithmetic
   // stays vector.  Keys lie in [0, 2^31), so the differences below cannot overflow.
@@ -96,7 +99,7 @@ SFL_INLINE int64_t prune_run(float* __restrict d, int64_t n, int32_t tk, bool& n
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     I bits;
-    std::memcpy(&bits, d + i, sizeof bits);
+    std::memcpy(&bits, s + i, sizeof bits);
     const I key = bits & absmask;
     const I keep = (tv - key - 1) >> 31;  // all ones where key >= tk
     const I out = bits & keep;
@@ -108,27 +111,29 @@ SFL_INLINE int64_t prune_run(float* __restrict d, int64_t n, int32_t tk, bool& n
   bool b = false;
   for (int64_t l = 0; l < W; ++l) c += cnt[l], b |= bad[l] != 0;
   for (; i < n; ++i) {  // the tail
-    const uint32_t key = magnitude_key(d[i]);
+    const uint32_t key = magnitude_key(s[i]);
     const bool keep = key >= static_cast<uint32_t>(tk);
-    d[i] = keep ? d[i] : 0.0f;
+    d[i] = keep ? s[i] : 0.0f;
     c += keep && key != 0;
     b |= key > 0x7f800000u;
   }
   nan = nan || b;
   return c;
 }
-SFL_AVX512 int64_t prune_run_avx512(float* d, int64_t n, int32_t tk, bool& nan) {
-  return prune_run<v16>(d, n, tk, nan);
+SFL_AVX512 int64_t prune_run_avx512(const float* s, float* d, int64_t n, int32_t tk,
+                                    bool& nan) {
+  return prune_run<v16>(s, d, n, tk, nan);
 }
-SFL_AVX2 int64_t prune_run_avx2(float* d, int64_t n, int32_t tk, bool& nan) {
-  return prune_run<v8>(d, n, tk, nan);
+SFL_AVX2 int64_t prune_run_avx2(const float* s, float* d, int64_t n, int32_t tk, bool& nan) {
+  return prune_run<v8>(s, d, n, tk, nan);
 }
-int64_t prune_run_portable(float* d, int64_t n, int32_t tk, bool& nan) {
-  return prune_run<v4>(d, n, tk, nan);
+int64_t prune_run_portable(const float* s, float* d, int64_t n, int32_t tk, bool& nan) {
+  return prune_run<v4>(s, d, n, tk, nan);
 }
 
-int64_t prune_tiles(at::Tensor& xt, int64_t tau_key) {
-  float* d = xt.data_ptr<float>();
+int64_t prune_tiles(const at::Tensor& xt, at::Tensor& out, int64_t tau_key) {
+  const float* src = xt.data_ptr<float>();
+  float* d = out.data_ptr<float>();
   const int64_t n = xt.numel();
   const int32_t tk = static_cast<int32_t>(tau_key);  // <= 0x7f800000: a signed compare
   auto fn = isa() == Isa::kAvx512 ? &prune_run_avx512
@@ -141,7 +146,7 @@ int64_t prune_tiles(at::Tensor& xt, int64_t tau_key) {
   at::parallel_for(0, blocks, grain(blocks, double(n)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       bool bad = false;
-      kept[b] = fn(d + b * kBlock, std::min(kBlock, n - b * kBlock), tk, bad);
+      kept[b] = fn(src + b * kBlock, d + b * kBlock, std::min(kBlock, n - b * kBlock), tk, bad);
       nan[b] = bad;
     }
   });
@@ -209,28 +214,28 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     // The kept count comes from the forward's own tile pass, so a layer that keeps less
     // than a quarter goes straight to the pack without a pruning pass it would not use.
     const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
-    at::Tensor xt;
-    int64_t kept = 0;
-    at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P,
-                                 may_keep_tiles ? &xt : nullptr, std::max<int64_t>(tk, 1),
-                                 may_keep_tiles ? &kept : nullptr);
-    std::vector<at::Tensor> saved{omega};
-    bool dense_x = false;
-    if (may_keep_tiles && xt.defined() && 4 * (ties ? k : kept) >= lv.x4.numel()) {
+    at::Tensor kept_tiles;
+    TileVisit visit{std::max<int64_t>(tk, 1), [&](const at::Tensor& xt, int64_t kept) {
+      if (4 * (ties ? k : kept) < lv.x4.numel()) return;
       const auto t0 = std::chrono::steady_clock::now();
-      const int64_t pruned = prune_tiles(xt, tk);
+      at::Tensor out = at::empty_like(xt);
+      const int64_t pruned = prune_tiles(xt, out, tk);
       TORCH_CHECK(pruned == kept, "sparsefl.sparse_layer: internal error, the tile pass "
                   "counted ", kept, " kept inputs and the pruning pass ", pruned);
       if (ties) {
-        TORCH_CHECK_VALUE(tk >= 1 && kept >= k && drop_last_ties(xt, g, tk, kept - k) ==
+        TORCH_CHECK_VALUE(tk >= 1 && kept >= k && drop_last_ties(out, g, tk, kept - k) ==
                           kept - k, kLayerOp, ": tau = ", *tau, " is not the ", k,
                           "-th largest |x| of the input (", kept, " entries are >= tau)");
       }
-      dense_x = true;
-      saved.push_back(xt);
+      kept_tiles = out;
       g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - t0).count();
-    }
+    }};
+    at::Tensor y = layer_forward(lv, omega, beta, bias, *plan, g, P,
+                                 may_keep_tiles ? &visit : nullptr);
+    std::vector<at::Tensor> saved{omega};
+    const bool dense_x = kept_tiles.defined();
+    if (dense_x) saved.push_back(kept_tiles);
     if (grad_w && !dense_x) {
       auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan,
                                   ties ? c10::optional<double>() : tau);

@@ -114,8 +114,7 @@ constexpr const char* kLayerOp = "sparsefl.sparse_layer";
 // by the chain op): checks that no nonzero weight lies outside the support, then y.
 at::Tensor layer_forward(const LayerView& lv, const at::Tensor& omega, double beta,
                          const c10::optional<at::Tensor>& bias, SparsePlan& sp, Geom& g,
-                         std::shared_ptr<const Plan>& P, at::Tensor* tiles = nullptr,
-                         int64_t tally_key = 0, int64_t* tally = nullptr);
+                         std::shared_ptr<const Plan>& P, const TileVisit* visit = nullptr);
 // The activation pack of x4 (4-D) with the plan's stride and padding, its time counted.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, int64_t k,
                                                           at::IntArrayRef kernel,

@@ -65,11 +65,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <tuple>
 #include <type_traits>
+#include <functional>
 #include <vector>
 
 // GCC 12's own AVX-512 headers (gathers, reductions) trip this on their undefined vectors.
@@ -286,13 +288,17 @@ bool run_conv_pair(const ConvArgs& e, const ConvArgs& o, bool float_out);
 // ---------------------------------------------------------------------------------------
 
 // y = conv(x, theta_S) + bias with the support's plan; b: float32 bias or undefined.
-// tiles: when given, receives the input in pixel tiles ([NT][C][Hp][Wp][16], zero padding
-// and zero lanes past N) that the convolution read.
-// tally (with tiles): set to the count of input entries with magnitude key >= tally_key.
+// visit: when given, called with the input in pixel tiles ([NT][C][Hp][Wp][16], zero
+// padding and zero lanes past N) and the count of its entries with magnitude key >=
+// visit->tally_key, after the relayout and before the convolution reads the tiles (they
+// are still in cache: the fused layer copies its pruned input out of them there).
+struct TileVisit {
+  int64_t tally_key;
+  std::function<void(const at::Tensor& xt, int64_t tally)> fn;
+};
 at::Tensor forward_planned(const at::Tensor& x, const at::Tensor& omega, double beta,
                            const int64_t* rp, const Plan& P, const at::Tensor& b,
-                           const Geom& g, const char* op, at::Tensor* tiles = nullptr,
-                           int64_t tally_key = 0, int64_t* tally = nullptr);
+                           const Geom& g, const char* op, const TileVisit* visit = nullptr);
 // The bias as float32 (undefined when absent), checked against the geometry.
 at::Tensor float_bias(const c10::optional<at::Tensor>& bias, const Geom& g, const char* op);
 
@@ -302,7 +308,7 @@ at::Tensor input_grad(const at::Tensor& dyp, const at::Tensor& dy, const at::Ten
                       double beta, const Plan& P, const Geom& g, at::IntArrayRef x_shape,
                       const char* op);
 // domega on S from dyp and the pruned input: a pack (xptr, xq, xv), or (xt_dense) the
-// forward's pixel tiles pruned in place, with the support rows' column indices `cols`.
+// forward's pixel tiles, pruned (a copy), with the support rows' column indices `cols`.
 at::Tensor weight_grad(const at::Tensor& dyp, const at::Tensor& xptr, const at::Tensor& xq,
                        const at::Tensor& xv, const at::Tensor& omega, double beta,
                        const int64_t* rp, const Plan& P, const Geom& g, const char* op,
