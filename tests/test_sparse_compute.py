@@ -137,14 +137,7 @@ def test_first_batch_layer_both_forms_of_the_kept_input(case, keep, dtype):
         sparse(bad).sum().backward()
 
 
-@pytest.mark.parametrize("case", [0, 1, 4])  # 3x3 s1, 3x3 s2, 5x5 + bias
-@pytest.mark.parametrize("keep", [0.6, 0.1])  # the input kept as tiles / as a pack
-def test_per_batch_cut_on_a_tie(case, keep):
-    """A per-batch top-k whose k-th magnitude is tied (an image's flat background): the
-    fused layer takes (k, tau), keeps the tiles pruned to |x| >= tau minus the last ties in
-    flat order (or packs the top k), and dx, domega and the bias equal the dense path's,
-    which selects the top k itself.  On the tiles path a tau that is not the k-th
-    magnitude is refused (the pack path selects for itself and does not use it)."""
+def _per_batch_pair(case, keep):
     torch.manual_seed(case)
     make, shape = LAYERS[case]
     dense = make()
@@ -155,20 +148,62 @@ def test_per_batch_cut_on_a_tie(case, keep):
     set_compute(sparse, "sparse")
     dense.train()
     sparse.train()
+    return dense, sparse, shape
+
+
+@pytest.mark.parametrize("case", [0, 1, 4])  # 3x3 s1, 3x3 s2, 5x5 + bias
+@pytest.mark.parametrize("keep", [0.6, 0.1])  # the input kept as tiles / as a pack
+def test_per_batch_cut_selected_in_the_layer(case, keep):
+    """A conv layer's per-batch cut is left to the fused layer (act_cut(fused=True) gives
+    (k, None)), which selects it on its input tiles with a bracket from the last batch.
+    Over batches where that bracket holds, misses above and below, a tie splits at the
+    cut (an image's flat background), and k exceeds the nonzeros, dx, domega and the bias
+    equal the dense path's, which selects the top k itself."""
+    dense, sparse, shape = _per_batch_pair(case, keep)
+    g = torch.Generator().manual_seed(case)
+    base = torch.randn(shape, generator=g).relu()
+    sparse_zeros = base * (torch.rand(shape, generator=g) < 0.2)
+    batches = [base, base * 1.01, base * 3, base * 0.2, (base * 2).round(), sparse_zeros,
+               torch.randn(shape, generator=g).relu()]
+    for i, x in enumerate(batches):
+        k = act_cut(sparse, x, fused=True)[0]
+        assert act_cut(sparse, x, fused=True) == (k, None) and 0 < k < x.numel()
+        gy = torch.randn(dense(x).shape, generator=g)
+        for a, b in zip(grads(sparse, x, gy), grads(dense, x, gy)):
+            assert rel(a, b) < 1e-5, i
+
+
+@pytest.mark.parametrize("case", [0, 1, 4])  # 3x3 s1, 3x3 s2, 5x5 + bias
+@pytest.mark.parametrize("keep", [0.6, 0.1])  # the input kept as tiles / as a pack
+def test_per_batch_cut_on_a_tie(case, keep):
+    """The fused op also takes a cut selected by its caller as (k, tau), tau the k-th
+    largest magnitude, tied: on the tiles path it keeps |x| > tau and the first ties in
+    flat order (the packs' rule) without selecting; dx, domega and the bias equal the dense
+    path's.  There a tau that is not the k-th magnitude is refused (the pack path selects
+    its own top k and does not use it)."""
+    dense, sparse, shape = _per_batch_pair(case, keep)
     x = (torch.randn(shape) * 2).round().abs()  # few distinct magnitudes: ties at any cut
-    k, tau = act_cut(sparse, x, ties=True)
-    assert k >= 1 and tau is not None  # a split tie, as the test needs
-    assert act_cut(dense, x) == (k, None)  # the other paths select the top k themselves
-    gy = torch.randn(dense(x).shape)
-    for a, b in zip(grads(sparse, x, gy), grads(dense, x, gy)):
-        assert rel(a, b) < 1e-5
+    k = act_cut(dense, x)[0]
+    a = x.reshape(-1)
+    tau = float(a.kthvalue(a.numel() - k + 1).values)
+    assert int((a > tau).sum()) < k < int((a >= tau).sum())  # a split tie, as the test needs
     sp = sparse._spec
+
+    def op(x, t):
+        return torch.ops.sparsefl_C.sparse_layer(x, sparse.weight, sparse.bias, sparse.beta,
+                                                 sp.plan_id, k, True, t)
+
+    gy = torch.randn(dense(x).shape)
+    xs = x.clone().requires_grad_(True)
+    wrt = [xs, sparse.weight] + ([sparse.bias] if sparse.bias is not None else [])
+    got = [op(xs, tau), *torch.autograd.grad(op(xs, tau), wrt, gy)]
+    for a, b in zip(got, grads(dense, x, gy)):
+        assert rel(a, b) < 1e-5
     for wrong in (tau * 2, tau / 2):
-        if keep < 0.25:  # the pack selects the top k itself: tau is not used
+        if keep < 0.25:
             continue
         with pytest.raises(ValueError, match="largest"):
-            torch.ops.sparsefl_C.sparse_layer(x, sparse.weight, sparse.bias, sparse.beta,
-                                              sp.plan_id, k, True, wrong)
+            op(x, wrong)
     with pytest.raises(ValueError, match="k >= 1"):
         torch.ops.sparsefl_C.sparse_layer(x, sparse.weight, sparse.bias, sparse.beta,
                                           sp.plan_id, 0, True, tau)

@@ -337,6 +337,13 @@ std::tuple<double, int64_t, int64_t> kth_magnitude_count_cpu(const at::Tensor& x
 
 }  // namespace
 
+std::tuple<uint32_t, int64_t, int64_t> kth_key_count(
+    const at::Tensor& x, int64_t k, const char* op,
+    std::optional<std::pair<int64_t, int64_t>> hint) {
+  const KthCount r = kth_count(x, k, op, hint);
+  return {r.key, r.gt, r.eq};
+}
+
 TORCH_LIBRARY_FRAGMENT(sparsefl_C, m) {
   m.def("kth_magnitude(Tensor x, int k) -> float", &kth_magnitude_cpu);
   m.def("kth_magnitude_count(Tensor x, int k, float? lo=None, float? hi=None) -> "

@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace sparsefl {
@@ -72,5 +75,13 @@ inline uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k) {
 
 // x: one contiguous CPU float tensor; 0 <= k <= numel.  NaN raises ValueError.
 MagnitudeCut magnitude_cut(const at::Tensor& x, int64_t k);
+
+// The k-th largest magnitude key of x (1 <= k <= numel) with how many keys lie above it
+// and at it (kth_magnitude.cpp: a bracket, one pass, radix select among its candidates);
+// hint: a bracket of keys [lo, hi] tried before the sampled one (it changes the time,
+// never the answer).  NaN raises ValueError naming op.
+std::tuple<uint32_t, int64_t, int64_t> kth_key_count(
+    const at::Tensor& x, int64_t k, const char* op,
+    std::optional<std::pair<int64_t, int64_t>> hint = std::nullopt);
 
 }  // namespace sparsefl

@@ -92,12 +92,12 @@ def act_prune_seconds() -> float:
     return ACT_PRUNE_SECONDS[0] + native
 
 
-def act_cut(m: nn.Module, x: Tensor, ties: bool = False) -> tuple[int, float | None]:
+def act_cut(m: nn.Module, x: Tensor, fused: bool = False) -> tuple[int, float | None]:
     """How this batch's activation pruning cuts the layer input x: (k, None), keep the k
     largest |x| (per batch, ties to the lower flat index), or (-1, tau), keep every |x| >=
-    tau, or (-1, None), keep every nonzero; with ties=True (the fused C++ layer, which
-    takes it) a split tie comes as (k, tau): the k largest, tau the k-th magnitude, so the
-    layer keeps |x| > tau and the first ties in flat order without selecting again.
+    tau, or (-1, None), keep every nonzero.  fused=True (the C++ sparse layer): a conv
+    layer's per-batch cut stays (k, None) unselected, since the layer selects it itself on
+    its input tiles while they are in cache (csrc/cpu/sparse_conv/layer.cpp select_cut).
 
     "first_batch" (conv layers): tau is the k-th largest magnitude of the round's first
     batch, kept for the round.  "per_batch" conv layers select on every batch, and the
@@ -110,7 +110,7 @@ def act_cut(m: nn.Module, x: Tensor, ties: bool = False) -> tuple[int, float | N
     takes k as it is, and the layer-by-layer path must match it bit for bit."""
     k = keep_count(x.numel(), m.act_density)
     if m.act_threshold == "per_batch" or not isinstance(m, nn.Conv2d):
-        if isinstance(m, nn.Conv2d) and 0 < k < x.numel():
+        if isinstance(m, nn.Conv2d) and 0 < k < x.numel() and not fused:
             t0 = time.perf_counter()
             hint = getattr(m, "_act_hint", None)
             tau, above, at = kth_magnitude_count(x.detach(), k, hint)
@@ -120,8 +120,6 @@ def act_cut(m: nn.Module, x: Tensor, ties: bool = False) -> tuple[int, float | N
                 return -1, None
             if above + at == k:
                 return -1, tau
-            if ties:
-                return k, tau
         return k, None
     if m.act_tau is None:
         t0 = time.perf_counter()

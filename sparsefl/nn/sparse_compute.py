@@ -195,7 +195,7 @@ def sparse_forward(m: nn.Module, x: Tensor) -> Tensor:
     prune = m._pruning()
     if sp.native:  # one C++ autograd op: forward (+ pack) now, a C++ backward node; it
         # checks the support itself (as _check_support)
-        k, tau = act_cut(m, x, ties=True) if prune else (-1, None)
+        k, tau = act_cut(m, x, fused=True) if prune else (-1, None)
         train = torch.is_grad_enabled() and m.weight.requires_grad
         y = torch.ops.sparsefl_C.sparse_layer(x, m.weight, m.bias, m.beta, sp.plan_id, k,
                                               train, tau)

@@ -180,6 +180,47 @@ int64_t drop_last_ties(at::Tensor& xt, const Geom& g, int64_t tau_key, int64_t d
   return dropped;
 }
 
+float key_float(int64_t key) {
+  const uint32_t k32 = static_cast<uint32_t>(key);
+  float v;
+  std::memcpy(&v, &k32, sizeof v);
+  return v;
+}
+
+// A per-batch cut selected by the layer: the k largest |x| of the input, found on its
+// pixel tiles (their padding and empty lanes are zeros, which changes no k-th magnitude
+// but zero and no count above it).  The bracket is the last batch's cut widened by a
+// margin that follows how far the cut moves (consecutive batches: 3-8% in stages 2-3 of
+// a ResNet-18, up to 30% in stage 1): max(0.9 x the last margin, twice the last move),
+// within [2%, 100%].  The answer never depends on it.
+struct Cut {
+  int64_t key;       // keep keys >= key ...
+  int64_t at_least;  // ... of which there are this many ...
+  int64_t keep;      // ... less the last ties at key beyond this many
+  int64_t pack_k;    // the same cut for the pack: k, or -1 with pack_tau (or the nonzeros)
+  c10::optional<double> pack_tau;
+};
+
+Cut select_cut(const at::Tensor& xt, int64_t k, SparsePlan& plan) {
+  const float last = plan.cut_tau.load(), r = plan.cut_margin.load();
+  std::optional<std::pair<int64_t, int64_t>> bracket;
+  if (last == 0.0f) bracket.emplace(1, 0);  // k reached every nonzero: count them first
+  if (last > 0.0f)
+    bracket.emplace(magnitude_key(last / (1.0f + r)), magnitude_key(last * (1.0f + r)));
+  const auto [key, gt, eq] = kth_key_count(xt, k, kLayerOp, bracket);
+  const float tau = key_float(key);
+  float margin = 0.08f;
+  if (last >= 0.0f) {
+    const float move = last > 0.0f ? std::fabs(tau - last) / last : (tau == 0.0f ? 0.0f : 1.0f);
+    margin = std::min(1.0f, std::max({0.02f, 0.9f * r, 2.0f * move}));
+  }
+  plan.cut_tau = tau;
+  plan.cut_margin = margin;
+  if (key == 0) return {1, gt, gt, -1, {}};        // k above the nonzeros: keep them all
+  if (gt + eq == k) return {key, k, k, -1, tau};  // no tie split: a threshold
+  return {key, gt + eq, k, k, {}};                // a split tie: drop the last ties
+}
+
 // The activation pack, its time added to act_prune_ns (the engine's act_prune phase).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> timed_pack(const at::Tensor& x4, int64_t k,
                                                           at::IntArrayRef kernel,
@@ -203,31 +244,46 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const bool grad_w = train && omega.requires_grad();
     // A threshold (or no pruning) on a spatial input: the kept input may stay in the
     // forward's tiles (see wgrad_dense_rows) when a quarter or more of it survives.  So
-    // may a per-batch top-k given with its k-th magnitude tau (k >= 1 and tau: a tie at
-    // the cut, act_cut): pruned to |x| >= tau, then the surplus ties dropped.
+    // may a per-batch top-k: given with its k-th magnitude tau (k >= 1 and tau: a tie at
+    // the cut), or selected here (k >= 1 alone: act_cut leaves a conv layer's per-batch
+    // cut to the fused layer), on the tiles while they are in cache (select_cut).
+    const bool spatial = lv.x4.size(2) * lv.x4.size(3) > 1;
     const bool ties = k >= 1 && tau.has_value();
     TORCH_CHECK_VALUE(!tau.has_value() || k == -1 || ties, kLayerOp, ": give k = -1 with a "
                       "threshold tau, or k >= 1 with the k-th largest magnitude (got k = ", k,
                       ")");
-    const bool may_keep_tiles =
-        grad_w && (k == -1 || ties) && lv.x4.size(2) * lv.x4.size(3) > 1;
-    // The kept count comes from the forward's own tile pass, so a layer that keeps less
-    // than a quarter goes straight to the pack without a pruning pass it would not use.
-    const int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
+    const bool select = grad_w && spatial && k >= 1 && !tau.has_value() && k < lv.x4.numel();
+    const bool may_keep_tiles = grad_w && spatial && (k == -1 || ties || select);
+    int64_t tk = tau.has_value() ? tau_key_of(*tau, "sparsefl.sparse_layer") : 1;
+    int64_t pack_k = k;  // what a pack keeps, when the kept tiles are not chosen
+    c10::optional<double> pack_tau = ties ? c10::optional<double>() : tau;
     at::Tensor kept_tiles;
-    TileVisit visit{std::max<int64_t>(tk, 1), [&](const at::Tensor& xt, int64_t kept) {
-      if (4 * (ties ? k : kept) < lv.x4.numel()) return;
+    TileVisit visit{std::max<int64_t>(tk, 1), [&](const at::Tensor& xt, int64_t tally) {
       const auto t0 = std::chrono::steady_clock::now();
-      at::Tensor out = at::empty_like(xt);
-      const int64_t pruned = prune_tiles(xt, out, tk);
-      TORCH_CHECK(pruned == kept, "sparsefl.sparse_layer: internal error, the tile pass "
-                  "counted ", kept, " kept inputs and the pruning pass ", pruned);
-      if (ties) {
-        TORCH_CHECK_VALUE(tk >= 1 && kept >= k && drop_last_ties(out, g, tk, kept - k) ==
-                          kept - k, kLayerOp, ": tau = ", *tau, " is not the ", k,
-                          "-th largest |x| of the input (", kept, " entries are >= tau)");
+      // at_least: entries with key >= tk; keep: how many the cut keeps (drop the rest of
+      // the ties at tk, last in flat order)
+      int64_t at_least = tally, keep = ties ? k : tally;
+      if (select) {
+        const Cut c = select_cut(xt, k, *plan);
+        tk = c.key, at_least = c.at_least, keep = c.keep;
+        pack_k = c.pack_k, pack_tau = c.pack_tau;
       }
-      kept_tiles = out;
+      if (4 * keep >= lv.x4.numel()) {
+        at::Tensor out = at::empty_like(xt);
+        const int64_t pruned = prune_tiles(xt, out, tk);
+        TORCH_CHECK(pruned == at_least, "sparsefl.sparse_layer: internal error, ",
+                    at_least, " inputs counted >= the cut and the pruning pass kept ", pruned);
+        if (keep < pruned) {
+          TORCH_CHECK_VALUE(tk >= 1 && drop_last_ties(out, g, tk, pruned - keep) ==
+                            pruned - keep, kLayerOp, ": tau = ", key_float(tk), " is not "
+                            "the ", k, "-th largest |x| of the input (", pruned,
+                            " nonzero entries are >= tau)");
+        }
+        TORCH_CHECK_VALUE(keep <= pruned, kLayerOp, ": tau = ", key_float(tk), " is not the ",
+                          k, "-th largest |x| of the input (", pruned,
+                          " nonzero entries are >= tau)");
+        kept_tiles = out;
+      }
       g_act_prune_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::steady_clock::now() - t0).count();
     }};
@@ -237,8 +293,7 @@ struct SparseLayerFn : public torch::autograd::Function<SparseLayerFn> {
     const bool dense_x = kept_tiles.defined();
     if (dense_x) saved.push_back(kept_tiles);
     if (grad_w && !dense_x) {
-      auto [p, q, v] = timed_pack(lv.x4, k, {g.KH, g.KW}, *plan,
-                                  ties ? c10::optional<double>() : tau);
+      auto [p, q, v] = timed_pack(lv.x4, pack_k, {g.KH, g.KW}, *plan, pack_tau);
       saved.push_back(p);
       saved.push_back(q);
       saved.push_back(v);

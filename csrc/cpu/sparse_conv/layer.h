@@ -29,6 +29,9 @@ struct SparsePlan : torch::CustomClassHolder {
   std::vector<int64_t> wshape, stride, padding;  // weight as (Co, C, KH, KW)
   std::mutex mu;
   std::vector<std::pair<std::pair<int64_t, int64_t>, std::shared_ptr<const Plan>>> plans;
+  // A per-batch activation cut selected inside the layer: the last batch's cut and the
+  // margin around it for the next batch's bracket (layer.cpp next_bracket; < 0: none yet).
+  std::atomic<float> cut_tau{-1.0f}, cut_margin{0.08f};
 
   SparsePlan(at::Tensor rowptr_, at::Tensor cols_, at::Tensor cptr_, at::Tensor cent_,
              std::vector<int64_t> wshape_, std::vector<int64_t> stride_,
