@@ -157,12 +157,12 @@ int64_t prune_tiles(const at::Tensor& xt, at::Tensor& out, int64_t tau_key) {
   return total;
 }
 
-// A per-batch top-k whose k-th magnitude tau is tied (act_cut): the tiles were pruned to
-// |x| >= tau, which keeps `drop` tied entries too many; the top-k keeps the ties of
-// lowest NCHW flat index (the packs' rule), so the last `drop` entries equal to tau in
-// flat order go.  A scan from the end: the ties are mostly the repeated value of the
-// images' background, so it stops early.  Returns how many it dropped (== drop unless
-// tau was not the k-th largest magnitude).
+// A per-batch top-k whose k-th magnitude tau is tied (select_cut, or a caller's (k, tau)):
+// the tiles were pruned to |x| >= tau, which keeps `drop` tied entries too many; the
+// top-k keeps the ties of lowest NCHW flat index (the packs' rule), so the last `drop`
+// entries equal to tau in flat order go.  A scan from the end: the ties are mostly the
+// repeated value of the images' background, so it stops early.  Returns how many it
+// dropped (== drop unless tau was not the k-th largest magnitude).
 int64_t drop_last_ties(at::Tensor& xt, const Geom& g, int64_t tau_key, int64_t drop) {
   float* d = xt.data_ptr<float>();
   const uint32_t tk = static_cast<uint32_t>(tau_key);
