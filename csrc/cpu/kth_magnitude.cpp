@@ -103,37 +103,56 @@ SFL_AVX512 void pass_avx512(const uint32_t* keys, int64_t n, uint32_t lo, uint32
   pass_scalar(keys, i, n, lo, hi, cand, o);  // the tail
 }
 
-// 8 keys a step; no compress in AVX2, but candidates are rare: extract the set lanes.
+// Left-packing permutations for AVX2 (which has no compress): for each 8-bit lane mask,
+// the indices of its set lanes first.
+struct PackTable {
+  alignas(32) uint32_t idx[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int w = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) idx[m][w++] = static_cast<uint32_t>(l);
+      for (; w < 8; ++w) idx[m][w] = 0;
+    }
+  }
+};
+const PackTable kPackTable;
+
+// 8 keys a step, counts as per-lane vector sums; candidates left-packed by a permutation
+// from the table and stored every step (8 slack): no branch on whether a step has any.
 SFL_AVX2 void pass_avx2(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi,
                         uint32_t* cand, PassOut& o) {
   const __m256i vlo1 = _mm256_set1_epi32(static_cast<int32_t>(lo) - 1);
   const __m256i vhi = _mm256_set1_epi32(static_cast<int32_t>(hi));
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const __m256i zero = _mm256_setzero_si256();
-  __m256i vmax = zero;
-  int64_t i = 0, gt = 0, zeros = 0, w = o.w;
-  alignas(32) uint32_t lane[8];
+  __m256i vmax = zero, vgt = zero, vzeros = zero;
+  int64_t i = 0, w = o.w;
   for (; i + 8 <= n; i += 8) {
     const __m256i k = _mm256_and_si256(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i)), absmask);
     vmax = _mm256_max_epi32(vmax, k);
     const __m256i above = _mm256_cmpgt_epi32(k, vhi);
-    gt += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(above)));
-    zeros += __builtin_popcount(
-        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, zero))));
+    vgt = _mm256_sub_epi32(vgt, above);  // compares give -1 where true
+    vzeros = _mm256_sub_epi32(vzeros, _mm256_cmpeq_epi32(k, zero));
     // lo <= k <= hi  <=>  k > lo - 1 and not k > hi
     const __m256i in = _mm256_andnot_si256(above, _mm256_cmpgt_epi32(k, vlo1));
-    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
-    if (m) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lane), k);
-      for (; m; m &= m - 1) cand[w++] = lane[__builtin_ctz(m)];
-    }
+    const unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const __m256i perm =
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kPackTable.idx[m]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + w),
+                        _mm256_permutevar8x32_epi32(k, perm));
+    w += __builtin_popcount(m);
   }
-  alignas(32) uint32_t mx[8];
+  alignas(32) uint32_t mx[8], cg[8], cz[8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(mx), vmax);
-  for (int j = 0; j < 8; ++j) o.kmax = std::max(o.kmax, mx[j]);
-  o.gt += gt;
-  o.zeros += zeros;
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cg), vgt);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(cz), vzeros);
+  for (int j = 0; j < 8; ++j) {
+    o.kmax = std::max(o.kmax, mx[j]);
+    o.gt += cg[j];  // a lane counts at most one key per step: below 2^32 for parts < 2^35
+    o.zeros += cz[j];
+  }
   o.w = w;
   pass_scalar(keys, i, n, lo, hi, cand, o);  // the tail
 }
