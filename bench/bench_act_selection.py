@@ -26,8 +26,13 @@ def _torch_kth():  # what torch offers: kthvalue on |x|, then the counts
     return tau, (a > tau).sum(), (a == tau).sum()
 
 
+TAU_K = torch.ops.sparsefl_C.kth_magnitude_count(X, K)[0] if _native.has_cpu_kernels() else 1.0
+
 CASES = {
     "kth_magnitude_count (C++)": lambda: torch.ops.sparsefl_C.kth_magnitude_count(X, K),
+    # per batch, act_cut passes the last batch's cut +- a margin: no sample when it holds
+    "kth_magnitude_count, bracket +-10% (C++)": lambda: torch.ops.sparsefl_C.kth_magnitude_count(
+        X, K, TAU_K / 1.1, TAU_K * 1.1),
     "torch kthvalue + counts": _torch_kth,
     "topk_compress (C++, the old per-batch dense path)":
         lambda: torch.ops.sparsefl.topk_compress([X], [], K, _backend.requested(None)),
