@@ -6,8 +6,9 @@
 // entries, where three histogram passes (2^11 bins, zeroed, merged and scanned per call;
 // the ~50% zeros of a post-ReLU input all hit one bin, a serial chain of increments) cost
 // 0.3-0.6 ms.  Here, as in a sample sort:
-//   0. with a caller's bracket (act_cut passes the previous batch's threshold -+ a
-//      margin it adapts: consecutive batches' cuts move by 3-30%), steps 3-4 on it first,
+//   0. with a caller's bracket (act_cut, and the fused layer's select_cut, pass the
+//      previous batch's threshold -+ a margin they adapt: consecutive batches' cuts move
+//      by 3-30%), steps 3-4 on it first,
 //      and steps 1-2 only if it misses: in a training round the sample and its order
 //      statistics were 40% of the call, the pass 32%;
 //   1. sample up to 4,096 keys (up to 512 runs of 8 consecutive entries, one run at a

@@ -187,7 +187,8 @@ HINT_MARGIN = (0.02, 1.0)
 
 def next_hint(hint: tuple[float, float] | None, tau: float) -> tuple[float, float]:
     """The bracket for the next batch after a cut at tau: (tau, r), r twice the relative
-    move just seen, or 0.9x the last r when the cut held still."""
+    move just seen, or 0.9x the last r when the cut held still (the fused C++ layer keeps
+    the same rule in its plan: csrc/cpu/sparse_conv/layer.cpp select_cut)."""
     lo, hi = HINT_MARGIN
     if hint is None or not math.isfinite(tau):
         return (tau, 4 * lo)

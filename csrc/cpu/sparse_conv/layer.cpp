@@ -192,7 +192,8 @@ float key_float(int64_t key) {
 // but zero and no count above it).  The bracket is the last batch's cut widened by a
 // margin that follows how far the cut moves (consecutive batches: 3-8% in stages 2-3 of
 // a ResNet-18, up to 30% in stage 1): max(0.9 x the last margin, twice the last move),
-// within [2%, 100%].  The answer never depends on it.
+// within [2%, 100%] (the rule of sparsefl/nn/powerprop.py next_hint, which the Python
+// paths keep per module).  The answer never depends on it.
 struct Cut {
   int64_t key;       // keep keys >= key ...
   int64_t at_least;  // ... of which there are this many ...
